@@ -1,0 +1,204 @@
+"""LensForConditionalGeneration: Qwen2.5-VL with appended context queries driving a SAM2 mask decoder."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import Qwen2_5_VLForConditionalGeneration
+from transformers import initialization as init
+from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel, Qwen2_5_VLPreTrainedModel
+from transformers.utils import ModelOutput
+
+from .config import LensConfig
+from .context import QueryConnector, build_proj_to_sam
+from .sam import SamFeatures, build_sam, decode_masks, encode_images
+
+
+@dataclass
+class LensOutput(ModelOutput):
+    """Output of the query forward.
+
+    logits: (B, L_keep, V) token logits of the original (prompt + completion) positions only.
+    mask_logits: (B, 1, h, w) low-resolution SAM2 mask logits (h = w = sam_image_size / 4).
+    iou_scores: (B, 1) SAM2's predicted IoU of the returned mask.
+    sam_prompt: (B, 1, C) the sparse prompt token fed to the mask decoder.
+    query_states: (B, Q, H) final-layer (post-norm) hidden states of the context queries.
+    """
+
+    logits: torch.Tensor | None = None
+    mask_logits: torch.Tensor | None = None
+    iou_scores: torch.Tensor | None = None
+    sam_prompt: torch.Tensor | None = None
+    query_states: torch.Tensor | None = None
+
+
+class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
+    """Qwen2.5-VL policy + context module (`learnable_query`, `connector`, `conv_1d`, `proj_to_sam`) + `sam`.
+
+    `forward` without SAM inputs is the stock Qwen2.5-VL forward (generation, reference model).
+    With `sam_images` or `sam_features` it is the query forward: the queries are appended after the
+    given tokens, one language-model pass yields token logits and query states, and the mask decoder
+    runs once on the whole batch.
+    """
+
+    config_class = LensConfig
+
+    def __init__(self, config: LensConfig) -> None:
+        # Same body as the parent's __init__, with our modules added before the single post_init().
+        Qwen2_5_VLPreTrainedModel.__init__(self, config)
+        self.model = Qwen2_5_VLModel(config)
+        hidden = config.text_config.hidden_size
+        self.lm_head = nn.Linear(hidden, config.text_config.vocab_size, bias=False)
+
+        q = config.num_of_query
+        self.learnable_query = nn.Parameter(torch.zeros(1, q, hidden))
+        self.connector = (
+            QueryConnector(hidden, q, config.connector_depth, config.connector_heads, config.connector_mlp_ratio)
+            if config.if_use_qwen_connector
+            else None
+        )
+        self.conv_1d = nn.Conv1d(hidden, hidden, kernel_size=q)  # (B, H, Q) -> (B, H, 1)
+        self.sam = build_sam(config.sam_variant, config.sam_image_size, config.sam_overrides)
+        for module in self.sam.modules():
+            module._lens_sam = True  # SAM2 keeps the sam2 package's own initialisation
+        self.proj_to_sam = build_proj_to_sam(hidden, self.sam.hidden_dim)
+        self.post_init()
+
+    # ------------------------------------------------------------------ init
+    def _init_weights(self, module: nn.Module) -> None:
+        """Explicit init of the context module (upstream's was silently skipped, reference §1.1)."""
+        if getattr(module, "_lens_sam", False):
+            return
+        if module is self:
+            init.normal_(self.learnable_query, mean=0.0, std=0.02)
+        elif isinstance(module, QueryConnector):
+            init.zeros_(module.pos_embed)
+        super()._init_weights(module)
+
+    @property
+    def context_modules(self) -> dict[str, nn.Module | nn.Parameter]:
+        """The modules LENS adds to Qwen2.5-VL, by checkpoint name."""
+        mods = {"learnable_query": self.learnable_query, "conv_1d": self.conv_1d, "proj_to_sam": self.proj_to_sam}
+        if self.connector is not None:
+            mods["connector"] = self.connector
+        return mods
+
+    # ------------------------------------------------------------------ positions
+    def query_position_ids(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        image_grid_thw: torch.LongTensor | None = None,
+    ) -> torch.LongTensor:
+        """(3, B, L + Q) position ids for tokens followed by Q always-attended queries.
+
+        `upstream`: positions = cumsum(mask) - 1 (padding -> 1) on all three axes, so image tokens get
+        plain 1-D positions (as the released weights were trained). `mrope`: Qwen2.5-VL's M-RoPE grid
+        for the tokens; queries continue after each row's largest position.
+        """
+        b = input_ids.shape[0]
+        q = self.config.num_of_query
+        ones = attention_mask.new_ones(b, q)
+        if self.config.query_position_mode == "upstream":
+            mask = torch.cat([attention_mask, ones], dim=1).long()
+            pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
+            return pos.unsqueeze(0).expand(3, -1, -1)
+        mm_types = (input_ids == self.config.image_token_id).int() + 2 * (input_ids == self.config.video_token_id).int()
+        text_pos, _ = self.model.get_rope_index(
+            input_ids, mm_token_type_ids=mm_types, image_grid_thw=image_grid_thw, attention_mask=attention_mask
+        )
+        start = text_pos.amax(dim=(0, 2)) + 1  # (B,)
+        query_pos = start[:, None] + torch.arange(q, device=input_ids.device)  # (B, Q)
+        return torch.cat([text_pos, query_pos.unsqueeze(0).expand(3, -1, -1)], dim=2)
+
+    # ------------------------------------------------------------------ pieces
+    def embed_multimodal(
+        self,
+        input_ids: torch.LongTensor,
+        pixel_values: torch.Tensor | None,
+        image_grid_thw: torch.LongTensor | None,
+    ) -> torch.Tensor:
+        """Token embeddings with the vision tower's features scattered into the image-pad slots (one ViT call)."""
+        embeds = self.model.get_input_embeddings()(input_ids)
+        if pixel_values is None:
+            return embeds
+        feats = self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
+        feats = torch.cat(feats, dim=0).to(embeds.device, embeds.dtype)
+        slots = input_ids == self.config.image_token_id
+        if int(slots.sum()) != feats.shape[0]:
+            raise ValueError(f"{int(slots.sum())} image-pad tokens but {feats.shape[0]} image features")
+        return embeds.masked_scatter(slots.unsqueeze(-1), feats)
+
+    def encode_sam_images(self, sam_images: torch.Tensor) -> SamFeatures:
+        """SAM2 image features of (N, 3, S, S) images in 0..255; compute once per distinct image."""
+        return encode_images(self.sam, sam_images.to(self.sam.no_mem_embed.device))
+
+    def sam_prompt_from_queries(self, query_states: torch.Tensor) -> torch.Tensor:
+        """(B, Q, H) query states -> (B, 1, C) SAM sparse prompt: connector, conv_1d over Q, proj_to_sam."""
+        x = self.connector(query_states) if self.connector is not None else query_states
+        x = self.conv_1d(x.transpose(1, 2)).transpose(1, 2)  # (B, 1, H)
+        return self.proj_to_sam(x)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, *args, sam_images=None, sam_features=None, sam_image_index=None, **kwargs):
+        """Stock Qwen2.5-VL forward, or the query forward when `sam_images`/`sam_features` is given."""
+        if sam_images is None and sam_features is None:
+            return super().forward(*args, **kwargs)
+        return self.forward_with_queries(
+            *args, sam_images=sam_images, sam_features=sam_features, sam_image_index=sam_image_index, **kwargs
+        )
+
+    def forward_with_queries(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        sam_images: torch.Tensor | None = None,
+        sam_features: SamFeatures | None = None,
+        sam_image_index: torch.LongTensor | None = None,
+        logits_to_keep: int = 0,
+        return_logits: bool = True,
+        **unused,
+    ) -> LensOutput:
+        """One pass over tokens + appended queries -> token logits, query states and masks.
+
+        input_ids/attention_mask: (B, L), left or right padded. sam_images: (N, 3, S, S) 0..255 or
+        precomputed `sam_features` of N images; `sam_image_index` (B,) says which image each row shows
+        (default: row b shows image b). logits_to_keep > 0 keeps logits of the last k token positions.
+        """
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        b, q = input_ids.shape[0], self.config.num_of_query
+        embeds = self.embed_multimodal(input_ids, pixel_values, image_grid_thw)
+        queries = self.learnable_query.to(embeds.dtype).expand(b, -1, -1)
+        position_ids = self.query_position_ids(input_ids, attention_mask, image_grid_thw)
+        full_mask = torch.cat([attention_mask, attention_mask.new_ones(b, q)], dim=1)
+        hidden = self.model.language_model(
+            inputs_embeds=torch.cat([embeds, queries], dim=1),
+            attention_mask=full_mask,
+            position_ids=position_ids,
+            use_cache=False,
+        ).last_hidden_state  # (B, L + Q, H), after the final norm
+        text_hidden, query_states = hidden[:, :-q], hidden[:, -q:]
+        logits = None
+        if return_logits:
+            keep = text_hidden[:, -logits_to_keep:] if logits_to_keep else text_hidden
+            logits = self.lm_head(keep)
+
+        if sam_features is None:
+            sam_features = self.encode_sam_images(sam_images)
+        if sam_image_index is None:
+            if sam_features.image_embed.shape[0] != b:
+                raise ValueError(
+                    f"{sam_features.image_embed.shape[0]} SAM images for {b} rows: pass sam_image_index (B,)"
+                )
+        else:
+            sam_features = sam_features.select(sam_image_index.to(sam_features.image_embed.device))
+        sam_prompt = self.sam_prompt_from_queries(query_states)
+        mask_logits, iou = decode_masks(self.sam, sam_features, sam_prompt)
+        return LensOutput(
+            logits=logits, mask_logits=mask_logits, iou_scores=iou, sam_prompt=sam_prompt, query_states=query_states
+        )

@@ -1,0 +1,65 @@
+"""Model presets: `qwen2.5-vl-3b` (the real architecture, random weights) and `tiny` (CPU-sized).
+
+Both are read from YAML files under `configs/models/` and built by the same code. Without a real
+Qwen processor folder, a preset gets the offline tiny tokenizer (`tiny_processor.py`) together with
+Qwen's image-processor settings, and the config's special-token ids are set to that tokenizer's ids.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from .config import LensConfig
+from .tiny_processor import build_tiny_processor, special_token_ids
+
+CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+PRESETS = ("qwen2.5-vl-3b", "tiny")
+
+
+def preset_path(name: str) -> Path:
+    path = CONFIG_DIR / f"{name}.yaml"
+    if name not in PRESETS or not path.is_file():
+        raise ValueError(f"unknown model preset {name!r}; expected one of {PRESETS} (files in {CONFIG_DIR})")
+    return path
+
+
+def load_preset(name: str, **overrides: Any) -> tuple[dict, dict]:
+    """(config dict, processor kwargs) of a preset; `overrides` update top-level config fields."""
+    raw = yaml.safe_load(preset_path(name).read_text())
+    processor_kwargs = raw.pop("processor", {})
+    raw.update(overrides)
+    return raw, processor_kwargs
+
+
+def config_for_tokenizer(raw: dict, tokenizer) -> LensConfig:
+    """LensConfig with special-token ids and vocabulary size matched to `tokenizer`."""
+    ids = special_token_ids(tokenizer)
+    raw = {**raw, "text_config": dict(raw["text_config"])}
+    for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
+        raw[key] = ids[key]
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        raw["text_config"][key] = ids[key]
+    vocab = raw["text_config"].get("vocab_size") or 0
+    raw["text_config"]["vocab_size"] = max(vocab, -(-len(tokenizer) // 64) * 64)
+    return LensConfig(**raw)
+
+
+def build_preset(name: str, seed: int = 0, dtype: torch.dtype | None = None, **overrides: Any):
+    """Randomly initialised (model, processor) of a preset; deterministic for a seed."""
+    from .lens import LensForConditionalGeneration
+
+    raw, processor_kwargs = load_preset(name, **overrides)
+    processor = build_tiny_processor(**processor_kwargs)
+    config = config_for_tokenizer(raw, processor.tokenizer)
+    torch.manual_seed(seed)
+    model = LensForConditionalGeneration(config)
+    if dtype is not None:
+        model = model.to(dtype)
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    model.generation_config.bos_token_id = config.text_config.bos_token_id
+    return model, processor

@@ -1,0 +1,145 @@
+"""SAM2 from the `sam2` package: building it without memory modules, shared image features and
+batched mask decoding driven by one external sparse prompt token per row."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# Names accepted for `LensConfig.sam_variant` -> packaged Hydra config of the `sam2` package.
+SAM2_CONFIGS: dict[str, str] = {
+    "sam2_hiera_t": "configs/sam2/sam2_hiera_t.yaml",
+    "sam2_hiera_s": "configs/sam2/sam2_hiera_s.yaml",
+    "sam2_hiera_b+": "configs/sam2/sam2_hiera_b+.yaml",
+    "sam2_hiera_l": "configs/sam2/sam2_hiera_l.yaml",
+    "sam2.1_hiera_t": "configs/sam2.1/sam2.1_hiera_t.yaml",
+    "sam2.1_hiera_s": "configs/sam2.1/sam2.1_hiera_s.yaml",
+    "sam2.1_hiera_b+": "configs/sam2.1/sam2.1_hiera_b+.yaml",
+    "sam2.1_hiera_l": "configs/sam2.1/sam2.1_hiera_l.yaml",
+}
+# Meta's released checkpoint file for each variant (hub id facebook/<name with - for _>).
+SAM2_CHECKPOINT_FILES: dict[str, str] = {
+    "sam2_hiera_t": "sam2_hiera_tiny.pt",
+    "sam2_hiera_s": "sam2_hiera_small.pt",
+    "sam2_hiera_b+": "sam2_hiera_base_plus.pt",
+    "sam2_hiera_l": "sam2_hiera_large.pt",
+    "sam2.1_hiera_t": "sam2.1_hiera_tiny.pt",
+    "sam2.1_hiera_s": "sam2.1_hiera_small.pt",
+    "sam2.1_hiera_b+": "sam2.1_hiera_base_plus.pt",
+    "sam2.1_hiera_l": "sam2.1_hiera_large.pt",
+}
+# Video-only modules that LENS deletes (upstream keeps the image path only).
+MEMORY_MODULES = ("memory_attention", "memory_encoder", "maskmem_tpos_enc")
+# As upstream's build_sam2 post-processing: fall back to the best multimask output when token 0 is unstable.
+DYNAMIC_MULTIMASK = [
+    "++model.sam_mask_decoder_extra_args.dynamic_multimask_via_stability=true",
+    "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_delta=0.05",
+    "++model.sam_mask_decoder_extra_args.dynamic_multimask_stability_thresh=0.98",
+]
+SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
+SAM_PIXEL_STD = (58.395, 57.12, 57.375)
+
+
+def build_sam(variant: str = "sam2_hiera_l", image_size: int = 1024, overrides: list[str] | None = None) -> nn.Module:
+    """Instantiate SAM2Base (random weights) from the `sam2` package and drop its memory modules."""
+    if variant not in SAM2_CONFIGS:
+        raise ValueError(f"sam_variant={variant!r} is not known; expected one of {sorted(SAM2_CONFIGS)}")
+    import sam2  # noqa: F401  (registers the packaged Hydra configs)
+    from hydra import compose
+    from hydra.utils import instantiate
+    from omegaconf import OmegaConf
+
+    cfg = compose(
+        config_name=SAM2_CONFIGS[variant],
+        overrides=[f"++model.image_size={image_size}", *DYNAMIC_MULTIMASK, *(overrides or [])],
+    )
+    OmegaConf.resolve(cfg)
+    sam = instantiate(cfg.model, _recursive_=True)
+    for name in MEMORY_MODULES:
+        delattr(sam, name)
+    return sam
+
+
+def load_sam_checkpoint(sam: nn.Module, path: str | Path, variant: str) -> None:
+    """Load Meta's SAM2 checkpoint file (`{'model': state_dict}`) into a memory-less SAM2."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"SAM2 checkpoint {path} not found. Download {SAM2_CHECKPOINT_FILES.get(variant, 'the .pt file')} "
+            f"from the hub repository facebook/{variant.replace('_', '-')} and pass its path."
+        )
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = state.get("model", state) if isinstance(state, dict) else state
+    state = {k: v for k, v in state.items() if not k.startswith(MEMORY_MODULES)}
+    missing, unexpected = sam.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(
+            f"SAM2 checkpoint {path} does not match sam_variant={variant!r}: "
+            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+        )
+
+
+@dataclass
+class SamFeatures:
+    """SAM2 image features of N distinct images."""
+
+    image_embed: torch.Tensor  # (N, C, h, w), `no_mem_embed` already added
+    high_res: tuple[torch.Tensor, torch.Tensor]  # (N, C/8, 4h, 4w), (N, C/4, 2h, 2w)
+
+    def select(self, index: torch.Tensor) -> SamFeatures:
+        """Rows of features for a batch whose row b shows image `index[b]`."""
+        return SamFeatures(self.image_embed[index], (self.high_res[0][index], self.high_res[1][index]))
+
+    def detach(self) -> SamFeatures:
+        return SamFeatures(self.image_embed.detach(), tuple(x.detach() for x in self.high_res))
+
+
+def normalize_sam_images(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """(N, 3, S, S) RGB in 0..255 (uint8 or float) -> SAM2 input normalised with SAM's pixel statistics."""
+    mean = torch.tensor(SAM_PIXEL_MEAN, device=images.device).view(1, 3, 1, 1)
+    std = torch.tensor(SAM_PIXEL_STD, device=images.device).view(1, 3, 1, 1)
+    return ((images.float() - mean) / std).to(dtype)
+
+
+def encode_images(sam: nn.Module, images: torch.Tensor) -> SamFeatures:
+    """Run the SAM2 image encoder once on (N, 3, S, S) images in 0..255."""
+    if images.shape[-1] != sam.image_size or images.shape[-2] != sam.image_size:
+        raise ValueError(f"sam_images must be (N, 3, {sam.image_size}, {sam.image_size}); got {tuple(images.shape)}")
+    dtype = sam.no_mem_embed.dtype
+    backbone_out = sam.forward_image(normalize_sam_images(images, dtype))
+    _, feats, _, sizes = sam._prepare_backbone_features(backbone_out)
+    feats[-1] = feats[-1] + sam.no_mem_embed  # directly_add_no_mem_embed, as for a single image
+    n = images.shape[0]
+    maps = [f.permute(1, 2, 0).reshape(n, -1, h, w) for f, (h, w) in zip(feats, sizes)]
+    return SamFeatures(image_embed=maps[-1], high_res=(maps[0], maps[1]))
+
+
+def decode_masks(sam: nn.Module, features: SamFeatures, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched mask decoding: row b of `features` with sparse prompt `prompt[b]` (B, T, C).
+
+    Returns low-resolution mask logits (B, 1, 4h, 4w) and predicted IoU (B, 1). In eval mode the decoder
+    falls back to the best multimask output when token 0 is unstable (upstream behaviour); in train
+    mode token 0 is always used.
+    """
+    b = prompt.shape[0]
+    pe = sam.sam_prompt_encoder
+    dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(b, -1, *features.image_embed.shape[-2:])
+    masks, iou, _, _ = sam.sam_mask_decoder(
+        image_embeddings=features.image_embed,
+        image_pe=pe.get_dense_pe(),
+        sparse_prompt_embeddings=prompt.to(features.image_embed.dtype),
+        dense_prompt_embeddings=dense.to(features.image_embed.dtype),
+        multimask_output=False,
+        repeat_image=False,
+        high_res_features=list(features.high_res),
+    )
+    return masks, iou
+
+
+def upsample_masks(low_res: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """(B, 1, h, w) logits -> (B, H, W) logits at `size` (bilinear, align_corners=False, as upstream)."""
+    return F.interpolate(low_res.float(), size=size, mode="bilinear", align_corners=False)[:, 0]
