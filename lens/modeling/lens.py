@@ -44,6 +44,7 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     """
 
     config_class = LensConfig
+    config: LensConfig
 
     def __init__(self, config: LensConfig) -> None:
         # Same body as the parent's __init__, with our modules added before the single post_init().
@@ -65,6 +66,26 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             module._lens_sam = True  # SAM2 keeps the sam2 package's own initialisation
         self.proj_to_sam = build_proj_to_sam(hidden, self.sam.hidden_dim)
         self.post_init()
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, sam_checkpoint=None, **kwargs):
+        """Load our checkpoints, the released LENS checkpoints as they are, or a base Qwen2.5-VL folder.
+
+        sam_checkpoint: Meta's SAM2 `.pt` file to load into `sam` (required for a base Qwen folder; pass
+        False there to keep a randomly initialised SAM2). LensConfig fields given as keyword arguments
+        (e.g. `query_position_mode="mrope"`) override the stored configuration.
+        """
+        from pathlib import Path
+
+        from .loading import finish_from_pretrained, prepare_from_pretrained
+
+        path = Path(pretrained_model_name_or_path)
+        kind, kwargs = prepare_from_pretrained(path, kwargs)
+        want_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        finish_from_pretrained(model, kind, set(info["missing_keys"]), sam_checkpoint)
+        return (model, info) if want_info else model
 
     # ------------------------------------------------------------------ init
     def _init_weights(self, module: nn.Module) -> None:
@@ -142,12 +163,40 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         return self.proj_to_sam(x)
 
     # ------------------------------------------------------------------ forward
-    def forward(self, *args, sam_images=None, sam_features=None, sam_image_index=None, **kwargs):
-        """Stock Qwen2.5-VL forward, or the query forward when `sam_images`/`sam_features` is given."""
-        if sam_images is None and sam_features is None:
-            return super().forward(*args, **kwargs)
-        return self.forward_with_queries(
-            *args, sam_images=sam_images, sam_features=sam_features, sam_image_index=sam_image_index, **kwargs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values=None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        pixel_values: torch.Tensor | None = None,
+        pixel_values_videos: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+        video_grid_thw: torch.LongTensor | None = None,
+        mm_token_type_ids: torch.IntTensor | None = None,
+        second_per_grid_ts: torch.Tensor | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        sam_images: torch.Tensor | None = None,
+        sam_features: SamFeatures | None = None,
+        sam_image_index: torch.LongTensor | None = None,
+        **kwargs,
+    ):
+        """Stock Qwen2.5-VL forward, or the query forward (`forward_with_queries`) when `sam_images` or
+        `sam_features` is given."""
+        if sam_images is not None or sam_features is not None:
+            return self.forward_with_queries(
+                input_ids, attention_mask, pixel_values, image_grid_thw, sam_images=sam_images,
+                sam_features=sam_features, sam_image_index=sam_image_index, logits_to_keep=int(logits_to_keep),
+            )
+        return super().forward(
+            input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+            past_key_values=past_key_values, inputs_embeds=inputs_embeds, labels=labels, use_cache=use_cache,
+            pixel_values=pixel_values, pixel_values_videos=pixel_values_videos, image_grid_thw=image_grid_thw,
+            video_grid_thw=video_grid_thw, mm_token_type_ids=mm_token_type_ids,
+            second_per_grid_ts=second_per_grid_ts, logits_to_keep=logits_to_keep, **kwargs,
         )
 
     def forward_with_queries(
@@ -161,7 +210,6 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         sam_image_index: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
         return_logits: bool = True,
-        **unused,
     ) -> LensOutput:
         """One pass over tokens + appended queries -> token logits, query states and masks.
 
@@ -202,3 +250,13 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         return LensOutput(
             logits=logits, mask_logits=mask_logits, iou_scores=iou, sam_prompt=sam_prompt, query_states=query_states
         )
+
+
+def _register_auto_classes() -> None:
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    AutoConfig.register("lens", LensConfig, exist_ok=True)
+    AutoModelForImageTextToText.register(LensConfig, LensForConditionalGeneration, exist_ok=True)
+
+
+_register_auto_classes()

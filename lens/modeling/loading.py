@@ -1,0 +1,156 @@
+"""Checkpoint layouts: our own (transformers 5.x), the released LENS checkpoints (transformers 4.51,
+`SAMR1ForConditionalGeneration_qwen2p5`), and a base Qwen2.5-VL-Instruct folder plus Meta's SAM2 file."""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import save_file
+
+from .config import LensConfig
+from .sam import build_sam, load_sam_checkpoint
+
+logger = logging.getLogger(__name__)
+
+RELEASED_ARCHITECTURE = "SAMR1ForConditionalGeneration_qwen2p5"
+# transformers 4.x key layout -> 5.x (the stock class gets this by name; a subclass must ask for it).
+LEGACY_KEY_MAPPING = {
+    r"^visual\.": "model.visual.",
+    r"^model\.(?!language_model\.|visual\.)": "model.language_model.",
+}
+WEIGHTS_HELP = (
+    "Released LENS weights are on the Hugging Face hub as OuyBin/LENS (RefCOCO), OuyBin/LENS_ReasonSeg, "
+    "OuyBin/LENS_ReasonSeg_FT and OuyBin/LENS_ReasonSeg_CoT; the base model is Qwen/Qwen2.5-VL-3B-Instruct "
+    "and SAM2 is facebook/sam2-hiera-large (sam2_hiera_large.pt). Download them (e.g. `huggingface-cli download "
+    "OuyBin/LENS --local-dir weights/LENS`) and pass the local folder."
+)
+_DROP_RELEASED = ("architectures", "model_type", "if_include_sam", "transformers_version", "_name_or_path")
+_LENS_FIELDS = (
+    "num_of_query", "if_use_qwen_connector", "connector_depth", "connector_heads", "connector_mlp_ratio",
+    "sam_variant", "sam_image_size", "sam_overrides", "query_position_mode",
+)
+
+
+def checkpoint_kind(path: str | Path) -> str:
+    """'lens' (ours), 'released' (upstream LENS) or 'qwen' (a base Qwen2.5-VL folder); errors name the path."""
+    path = Path(path)
+    cfg_file = path / "config.json"
+    if not path.is_dir():
+        raise FileNotFoundError(f"checkpoint folder {path} does not exist. {WEIGHTS_HELP}")
+    if not cfg_file.is_file():
+        raise FileNotFoundError(f"{cfg_file} is missing: {path} is not a model folder. {WEIGHTS_HELP}")
+    if not any(path.glob("*.safetensors")) and not any(path.glob("*.bin")):
+        raise FileNotFoundError(
+            f"{path} has a config.json but no weights (*.safetensors or *.bin): the download is incomplete. {WEIGHTS_HELP}"
+        )
+    cfg = json.loads(cfg_file.read_text())
+    if cfg.get("model_type") == "lens":
+        return "lens"
+    if RELEASED_ARCHITECTURE in (cfg.get("architectures") or []) or "num_of_query" in cfg:
+        return "released"
+    if cfg.get("model_type") in ("qwen2_5_vl", "qwen2_vl"):
+        return "qwen"
+    raise ValueError(
+        f"{cfg_file}: model_type={cfg.get('model_type')!r}, architectures={cfg.get('architectures')} is neither a "
+        f"LENS checkpoint nor a Qwen2.5-VL folder"
+    )
+
+
+def foreign_config(path: Path, overrides: dict[str, Any]) -> LensConfig:
+    """LensConfig from a released-LENS or base-Qwen config.json (flat 4.51 layout or nested 5.x)."""
+    raw = json.loads((path / "config.json").read_text())
+    raw = {k: v for k, v in raw.items() if k not in _DROP_RELEASED}
+    raw.setdefault("use_cache", True)
+    raw.update(overrides)
+    return LensConfig(**raw)
+
+
+def prepare_from_pretrained(path: Path, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
+    """Pick the config and key mapping `from_pretrained` needs for the layout found at `path`."""
+    kind = checkpoint_kind(path)
+    overrides = {k: kwargs.pop(k) for k in _LENS_FIELDS if k in kwargs}
+    if kind != "lens" and "config" not in kwargs:
+        kwargs["config"] = foreign_config(path, overrides)
+    elif overrides:
+        kwargs.update(overrides)
+    kwargs.setdefault("key_mapping", LEGACY_KEY_MAPPING)
+    return kind, kwargs
+
+
+def finish_from_pretrained(model, kind: str, missing: set[str], sam_checkpoint: str | Path | bool | None) -> None:
+    """Give SAM real weights: Meta's file when asked, else a fresh sam2 init where the checkpoint had none."""
+    missing_sam = sorted(k for k in missing if k.startswith("sam."))
+    if kind == "qwen" and sam_checkpoint is None:
+        raise ValueError(
+            "a base Qwen2.5-VL folder has no SAM2 weights: pass sam_checkpoint='path/to/sam2_hiera_large.pt' "
+            "(or sam_checkpoint=False to start from a randomly initialised SAM2). " + WEIGHTS_HELP
+        )
+    if missing_sam or sam_checkpoint:
+        cfg = model.config
+        fresh = build_sam(cfg.sam_variant, cfg.sam_image_size, cfg.sam_overrides)
+        if sam_checkpoint:
+            load_sam_checkpoint(fresh, sam_checkpoint, cfg.sam_variant)
+        elif kind != "qwen":
+            logger.warning("%d SAM2 weights were missing from the checkpoint: SAM2 is randomly initialised", len(missing_sam))
+        dtype = model.learnable_query.dtype
+        model.sam.load_state_dict(fresh.to(dtype).state_dict())
+    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+    if bad:
+        raise ValueError(f"non-finite weights after loading: {bad[:5]}")
+
+
+def released_state_dict(model) -> dict[str, torch.Tensor]:
+    """Model weights under the released (transformers 4.51) key names."""
+    out = {}
+    for key, value in model.state_dict().items():
+        if key.startswith("model.language_model."):
+            key = "model." + key[len("model.language_model."):]
+        elif key.startswith("model.visual."):
+            key = key[len("model."):]
+        out[key] = value.detach().contiguous()
+    if model.config.tie_word_embeddings:
+        out.pop("lm_head.weight", None)
+    return out
+
+
+def released_config_dict(config: LensConfig) -> dict[str, Any]:
+    """config.json as the released checkpoints store it: flat text fields, model_type qwen2_vl."""
+    text = config.text_config.to_dict()
+    vision = config.vision_config.to_dict()
+    rope = dict(text.pop("rope_parameters", None) or {})
+    flat = {k: v for k, v in text.items() if k not in ("model_type", "architectures", "transformers_version", "dtype")}
+    flat.update(
+        architectures=[RELEASED_ARCHITECTURE],
+        model_type="qwen2_vl",
+        rope_theta=rope.get("rope_theta", 1e6),
+        rope_scaling={"type": "mrope", "mrope_section": rope.get("mrope_section")},
+        vision_config={k: v for k, v in vision.items() if k not in ("transformers_version", "dtype")},
+        image_token_id=config.image_token_id,
+        video_token_id=config.video_token_id,
+        vision_start_token_id=config.vision_start_token_id,
+        vision_end_token_id=config.vision_end_token_id,
+        tie_word_embeddings=config.tie_word_embeddings,
+        num_of_query=config.num_of_query,
+        if_use_qwen_connector=config.if_use_qwen_connector,
+        if_include_sam=False,
+        use_cache=False,
+        torch_dtype="float32",
+        transformers_version="4.51.3",
+    )
+    flat["vision_config"]["model_type"] = "qwen2_5_vl"
+    return flat
+
+
+def save_released_layout(model, path: str | Path, processor=None) -> Path:
+    """Write `model` as a released LENS checkpoint (4.51 keys and config), e.g. for the original code base."""
+    path = Path(path)
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(released_state_dict(model), str(path / "model.safetensors"), metadata={"format": "pt"})
+    (path / "config.json").write_text(json.dumps(released_config_dict(model.config), indent=2))
+    if processor is not None:
+        processor.save_pretrained(path)
+    return path
