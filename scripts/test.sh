@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# The test suite: creates or reuses .venv, installs what is missing, runs pytest (CPU, fast).
+# Extra arguments go to pytest, e.g. `bash scripts/test.sh tests/test_model.py -x`.
+set -euo pipefail
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+source scripts/setup_env.sh
+export PYTHONHASHSEED=0 TOKENIZERS_PARALLELISM=false OMP_NUM_THREADS="${OMP_NUM_THREADS:-2}"
+set +e
+python -m pytest --timeout=900 -p no:cacheprovider "$@"
+rc=$?
+set -e
+if [ "$rc" -eq 5 ]; then echo "pytest collected no tests" >&2; exit 1; fi
+exit "$rc"
