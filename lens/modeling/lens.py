@@ -162,6 +162,32 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         x = self.conv_1d(x.transpose(1, 2)).transpose(1, 2)  # (B, 1, H)
         return self.proj_to_sam(x)
 
+    def masks_from_queries(
+        self, query_states: torch.Tensor, sam_features: SamFeatures, sam_image_index: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(B, Q, H) query states + features of N images (+ row -> image index (B,)) ->
+        mask logits (B, 1, h, w), predicted IoU (B, 1), SAM prompt (B, 1, C)."""
+        if sam_image_index is not None:
+            sam_image_index = sam_image_index.to(sam_features.image_embed.device)
+        sam_prompt = self.sam_prompt_from_queries(query_states)
+        mask_logits, iou = decode_masks(self.sam, sam_features, sam_prompt, sam_image_index)
+        return mask_logits, iou, sam_prompt
+
+    def query_inputs(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor,
+        pixel_values: torch.Tensor | None = None,
+        image_grid_thw: torch.LongTensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.LongTensor]:
+        """Language-model inputs with the queries appended: embeds (B, L+Q, H), mask (B, L+Q), positions (3, B, L+Q)."""
+        b, q = input_ids.shape[0], self.config.num_of_query
+        embeds = self.embed_multimodal(input_ids, pixel_values, image_grid_thw)
+        queries = self.learnable_query.to(embeds.dtype).expand(b, -1, -1)
+        full_mask = torch.cat([attention_mask, attention_mask.new_ones(b, q)], dim=1)
+        positions = self.query_position_ids(input_ids, attention_mask, image_grid_thw)
+        return torch.cat([embeds, queries], dim=1), full_mask, positions
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -219,16 +245,10 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
-        b, q = input_ids.shape[0], self.config.num_of_query
-        embeds = self.embed_multimodal(input_ids, pixel_values, image_grid_thw)
-        queries = self.learnable_query.to(embeds.dtype).expand(b, -1, -1)
-        position_ids = self.query_position_ids(input_ids, attention_mask, image_grid_thw)
-        full_mask = torch.cat([attention_mask, attention_mask.new_ones(b, q)], dim=1)
+        q = self.config.num_of_query
+        embeds, full_mask, position_ids = self.query_inputs(input_ids, attention_mask, pixel_values, image_grid_thw)
         hidden = self.model.language_model(
-            inputs_embeds=torch.cat([embeds, queries], dim=1),
-            attention_mask=full_mask,
-            position_ids=position_ids,
-            use_cache=False,
+            inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (B, L + Q, H), after the final norm
         text_hidden, query_states = hidden[:, :-q], hidden[:, -q:]
         logits = None
@@ -238,15 +258,7 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
 
         if sam_features is None:
             sam_features = self.encode_sam_images(sam_images)
-        if sam_image_index is None:
-            if sam_features.image_embed.shape[0] != b:
-                raise ValueError(
-                    f"{sam_features.image_embed.shape[0]} SAM images for {b} rows: pass sam_image_index (B,)"
-                )
-        else:
-            sam_features = sam_features.select(sam_image_index.to(sam_features.image_embed.device))
-        sam_prompt = self.sam_prompt_from_queries(query_states)
-        mask_logits, iou = decode_masks(self.sam, sam_features, sam_prompt)
+        mask_logits, iou, sam_prompt = self.masks_from_queries(query_states, sam_features, sam_image_index)
         return LensOutput(
             logits=logits, mask_logits=mask_logits, iou_scores=iou, sam_prompt=sam_prompt, query_states=query_states
         )

@@ -85,17 +85,26 @@ def load_sam_checkpoint(sam: nn.Module, path: str | Path, variant: str) -> None:
 
 @dataclass
 class SamFeatures:
-    """SAM2 image features of N distinct images."""
+    """SAM2 image features of N distinct images, taken before the decoder's trainable `conv_s0`/`conv_s1`
+    so that they can be cached while those convolutions train."""
 
     image_embed: torch.Tensor  # (N, C, h, w), `no_mem_embed` already added
-    high_res: tuple[torch.Tensor, torch.Tensor]  # (N, C/8, 4h, 4w), (N, C/4, 2h, 2w)
+    fpn_s0: torch.Tensor  # (N, C, 4h, 4w) raw FPN level 0
+    fpn_s1: torch.Tensor  # (N, C, 2h, 2w) raw FPN level 1
 
-    def select(self, index: torch.Tensor) -> SamFeatures:
-        """Rows of features for a batch whose row b shows image `index[b]`."""
-        return SamFeatures(self.image_embed[index], (self.high_res[0][index], self.high_res[1][index]))
+    def __len__(self) -> int:
+        return self.image_embed.shape[0]
 
-    def detach(self) -> SamFeatures:
-        return SamFeatures(self.image_embed.detach(), tuple(x.detach() for x in self.high_res))
+    def to(self, *args, **kwargs) -> SamFeatures:
+        return SamFeatures(*(x.to(*args, **kwargs) for x in (self.image_embed, self.fpn_s0, self.fpn_s1)))
+
+    def index(self, idx: torch.Tensor | list[int]) -> SamFeatures:
+        """Features of a subset (or reordering) of the N images."""
+        return SamFeatures(self.image_embed[idx], self.fpn_s0[idx], self.fpn_s1[idx])
+
+    @staticmethod
+    def cat(parts: list[SamFeatures]) -> SamFeatures:
+        return SamFeatures(*(torch.cat(xs) for xs in zip(*((p.image_embed, p.fpn_s0, p.fpn_s1) for p in parts))))
 
 
 def normalize_sam_images(images: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -106,36 +115,42 @@ def normalize_sam_images(images: torch.Tensor, dtype: torch.dtype) -> torch.Tens
 
 
 def encode_images(sam: nn.Module, images: torch.Tensor) -> SamFeatures:
-    """Run the SAM2 image encoder once on (N, 3, S, S) images in 0..255."""
-    if images.shape[-1] != sam.image_size or images.shape[-2] != sam.image_size:
+    """Run the SAM2 image encoder (Hiera + FPN) once on (N, 3, S, S) images in 0..255."""
+    if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (sam.image_size, sam.image_size):
         raise ValueError(f"sam_images must be (N, 3, {sam.image_size}, {sam.image_size}); got {tuple(images.shape)}")
     dtype = sam.no_mem_embed.dtype
-    backbone_out = sam.forward_image(normalize_sam_images(images, dtype))
-    _, feats, _, sizes = sam._prepare_backbone_features(backbone_out)
-    feats[-1] = feats[-1] + sam.no_mem_embed  # directly_add_no_mem_embed, as for a single image
-    n = images.shape[0]
-    maps = [f.permute(1, 2, 0).reshape(n, -1, h, w) for f, (h, w) in zip(feats, sizes)]
-    return SamFeatures(image_embed=maps[-1], high_res=(maps[0], maps[1]))
+    fpn = sam.image_encoder(normalize_sam_images(images, dtype))["backbone_fpn"]  # 3 levels, fine to coarse
+    embed = fpn[-1] + sam.no_mem_embed.view(1, -1, 1, 1)  # directly_add_no_mem_embed, as for a single image
+    return SamFeatures(image_embed=embed, fpn_s0=fpn[0], fpn_s1=fpn[1])
 
 
-def decode_masks(sam: nn.Module, features: SamFeatures, prompt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Batched mask decoding: row b of `features` with sparse prompt `prompt[b]` (B, T, C).
+def decode_masks(
+    sam: nn.Module, features: SamFeatures, prompt: torch.Tensor, index: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Batched mask decoding: row b uses image `index[b]` of `features` and sparse prompt `prompt[b]` (B, T, C).
 
-    Returns low-resolution mask logits (B, 1, 4h, 4w) and predicted IoU (B, 1). In eval mode the decoder
-    falls back to the best multimask output when token 0 is unstable (upstream behaviour); in train
-    mode token 0 is always used.
+    `conv_s0`/`conv_s1` run once per distinct image, then features are gathered per row, and the decoder
+    runs once on the whole batch. Returns low-resolution mask logits (B, 1, 4h, 4w) and predicted IoU
+    (B, 1). In eval mode the decoder falls back to the best multimask output when token 0 is unstable
+    (upstream behaviour); in train mode token 0 is always used.
     """
+    decoder, pe = sam.sam_mask_decoder, sam.sam_prompt_encoder
+    high_res = [decoder.conv_s0(features.fpn_s0), decoder.conv_s1(features.fpn_s1)]
+    embed = features.image_embed
+    if index is not None:
+        embed, high_res = embed[index], [x[index] for x in high_res]
+    elif embed.shape[0] != prompt.shape[0]:
+        raise ValueError(f"{embed.shape[0]} SAM images for {prompt.shape[0]} rows: pass sam_image_index (B,)")
     b = prompt.shape[0]
-    pe = sam.sam_prompt_encoder
-    dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(b, -1, *features.image_embed.shape[-2:])
-    masks, iou, _, _ = sam.sam_mask_decoder(
-        image_embeddings=features.image_embed,
+    dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(b, -1, *embed.shape[-2:])
+    masks, iou, _, _ = decoder(
+        image_embeddings=embed,
         image_pe=pe.get_dense_pe(),
-        sparse_prompt_embeddings=prompt.to(features.image_embed.dtype),
-        dense_prompt_embeddings=dense.to(features.image_embed.dtype),
+        sparse_prompt_embeddings=prompt.to(embed.dtype),
+        dense_prompt_embeddings=dense.to(embed.dtype),
         multimask_output=False,
         repeat_image=False,
-        high_res_features=list(features.high_res),
+        high_res_features=high_res,
     )
     return masks, iou
 
