@@ -1,0 +1,128 @@
+"""Training data: sources by name, teacher-forced batches (warm-up, stage 1) and GRPO rows (stage 2)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Sequence
+
+import torch
+from torch.utils.data import Dataset
+
+from lens.data.base import Reference
+from lens.data.custom import load_custom
+from lens.data.dataset import GroundingDataset
+from lens.data.reasonseg import load_reasonseg
+from lens.data.refer import load_refer
+from lens.prompts import build_messages, grounding_answer, json_answer
+
+REFER_DATASETS = ("refcoco", "refcoco+", "refcocog")
+
+
+def load_source(name: str, data_root: str | Path) -> list[Reference]:
+    """`refcoco:train`, `refcoco+:train`, `refcocog:train`, `reasonseg:train` or `custom:path.jsonl`."""
+    kind, _, arg = name.partition(":")
+    if kind == "custom":
+        return load_custom(arg)
+    if kind in REFER_DATASETS:
+        return load_refer(data_root, kind, arg or "train")
+    if kind == "reasonseg":
+        return load_reasonseg(data_root, arg or "train")
+    raise ValueError(
+        f"unknown training source {name!r}; expected refcoco:<split>, refcoco+:<split>, refcocog:<split>, "
+        f"reasonseg:<split> or custom:<path.jsonl>"
+    )
+
+
+def load_sources(names: Sequence[str], data_root: str | Path) -> list[Reference]:
+    refs = [ref for name in names for ref in load_source(name, data_root)]
+    if not refs:
+        raise ValueError(f"training sources {list(names)} under {data_root} hold no references")
+    return refs
+
+
+def target_answer(item: dict[str, Any], style: str) -> str:
+    """Teacher-forced answer: `grounding` (Qwen special tokens, upstream stage 1) or `json` (bbox_2d)."""
+    if style == "grounding":
+        return grounding_answer(item["expression"], item["box_llm"])
+    if style == "json":
+        return json_answer(item["box_llm"])
+    raise ValueError(f"answer style {style!r}; expected 'grounding' or 'json'")
+
+
+def unique_images(items: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """Stack each distinct image's SAM input once: (N, 3, S, S), row -> image index (B,), image keys."""
+    keys: dict[str, int] = {}
+    for it in items:
+        keys.setdefault(it["image_id"], len(keys))
+    first = {keys[it["image_id"]]: it["sam_image"] for it in reversed(items)}
+    return torch.stack([first[i] for i in range(len(keys))]), torch.tensor([keys[it["image_id"]] for it in items]), list(keys)
+
+
+class SupervisedCollator:
+    """Prompt + ground-truth answer, left padded; labels on the answer tokens only; SAM images once per image."""
+
+    def __init__(self, processor, answer_style: str = "grounding") -> None:
+        self.processor = processor
+        self.processor.tokenizer.padding_side = "left"
+        self.answer_style = answer_style
+
+    def __call__(self, items: list[dict[str, Any]]) -> dict[str, Any]:
+        tok = self.processor.tokenizer
+        answers = [target_answer(it, self.answer_style) + tok.eos_token for it in items]
+        prompts = [
+            self.processor.apply_chat_template(
+                build_messages(it["expression"], it["question_template"]), add_generation_prompt=True, tokenize=False
+            )
+            for it in items
+        ]
+        enc = self.processor(
+            text=[p + a for p, a in zip(prompts, answers)], images=[it["image"] for it in items],
+            padding=True, return_tensors="pt",
+        )
+        n_answer = torch.tensor([len(tok(a, add_special_tokens=False)["input_ids"]) for a in answers])
+        positions = torch.arange(enc["input_ids"].shape[1])
+        labels = enc["input_ids"].masked_fill(positions[None, :] < enc["input_ids"].shape[1] - n_answer[:, None], -100)
+        sam_images, index, keys = unique_images(items)
+        size = sam_images.shape[-1]
+        scale = torch.tensor([[size / it["orig_hw"][1], size / it["orig_hw"][0]] * 2 for it in items])
+        return {
+            "input_ids": enc["input_ids"],
+            "attention_mask": enc["attention_mask"],
+            "pixel_values": enc["pixel_values"],
+            "image_grid_thw": enc["image_grid_thw"],
+            "mm_token_type_ids": enc.get("mm_token_type_ids"),
+            "labels": labels,
+            "sam_images": sam_images,
+            "sam_image_index": index,
+            "image_keys": keys,
+            "target_masks": [torch.from_numpy(it["mask"] == 1) for it in items],
+            "sam_boxes": torch.tensor([list(it["box"]) for it in items], dtype=torch.float32) * scale,
+        }
+
+
+class GRPORows(Dataset):
+    """GRPO rows for TRL: conversational `prompt`, the LLM `image`, and the columns the rewards and the
+    segmentation loss need (`box_llm`, `mask`, `sam_image`, `image_id`)."""
+
+    def __init__(self, dataset: GroundingDataset, system_prompt: str | None = None) -> None:
+        self.dataset = dataset
+        self.system = system_prompt
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.dataset.set_epoch(epoch)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        item = self.dataset[index]
+        kwargs = {} if self.system is None else {"system": self.system}
+        return {
+            "prompt": build_messages(item["expression"], item["question_template"], **kwargs),
+            "image": item["image"],
+            "box_llm": item["box_llm"] if item["has_box"] else None,
+            "mask": item["mask"],
+            "sam_image": item["sam_image"],
+            "image_id": item["image_id"],
+            "ref_id": item["ref_id"],
+        }

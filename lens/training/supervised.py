@@ -1,0 +1,118 @@
+"""Teacher-forced training: stage 1 alignment (segmentation loss through the queries) and the tiny
+preset's warm-up (next-token loss on the answer, optionally plus the segmentation loss)."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from transformers import Trainer
+
+from lens.losses import segmentation_loss
+from lens.modeling.sam import SamFeatures, decode_with_boxes
+
+OBJECTIVE_PARTS = ("lm", "seg", "sam")  # next-token loss, LENS query masks, SAM2 box-prompted masks
+
+
+class SamFeatureCache:
+    """Frozen SAM2 image features by image key, kept on the CPU (LRU, `max_items` images)."""
+
+    def __init__(self, max_items: int = 4096) -> None:
+        self.max_items = max_items
+        self.store: OrderedDict[str, SamFeatures] = OrderedDict()
+        self.hits = self.misses = 0
+
+    def features(self, model, sam_images: torch.Tensor, keys: list[str]) -> SamFeatures:
+        """Features of the N images `keys` (encoding only those not cached), on the model's device."""
+        missing = [i for i, k in enumerate(keys) if k not in self.store]
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if missing:
+            with torch.no_grad():
+                new = model.encode_sam_images(sam_images[missing])
+            for j, i in enumerate(missing):
+                self.store[keys[i]] = new.index([j]).to("cpu")
+        for k in keys:
+            self.store.move_to_end(k)
+        while len(self.store) > self.max_items:
+            self.store.popitem(last=False)
+        device = model.sam.no_mem_embed.device
+        return SamFeatures.cat([self.store[k] for k in keys]).to(device)
+
+
+class SupervisedLensTrainer(Trainer):
+    """`Trainer` whose loss is a sum of parts named in `objective` ("seg", "lm+sam", ...): `seg` = BCE + dice
+    of the masks of the query forward (stage 1), `lm` = next-token loss on the answer, `sam` = BCE + dice of
+    SAM2's own box-prompted masks (the tiny warm-up's stand-in for SAM2 pretraining). Frozen SAM2 image
+    features can be cached across steps."""
+
+    def __init__(
+        self,
+        *args,
+        objective: str = "seg",
+        bce_weight: float = 1.0,
+        dice_weight: float = 1.0,
+        lm_weight: float = 1.0,
+        seg_weight: float = 1.0,
+        cache_sam_features: bool = False,
+        **kwargs,
+    ) -> None:
+        parts = objective.split("+")
+        if not parts or any(p not in OBJECTIVE_PARTS for p in parts):
+            raise ValueError(f"objective={objective!r}; expected parts of {OBJECTIVE_PARTS} joined by '+'")
+        super().__init__(*args, **kwargs)
+        self.objective = parts
+        self.weights = {"bce": bce_weight, "dice": dice_weight, "lm": lm_weight, "seg": seg_weight}
+        self.sam_cache = SamFeatureCache() if cache_sam_features else None
+        self._parts: dict[str, list[float]] = {}
+
+    def sam_features(self, model, inputs) -> SamFeatures:
+        encoder_frozen = not any(p.requires_grad for p in model.sam.image_encoder.parameters())
+        if self.sam_cache is not None and encoder_frozen:
+            return self.sam_cache.features(model, inputs["sam_images"], inputs["image_keys"])
+        with torch.set_grad_enabled(not encoder_frozen):
+            return model.encode_sam_images(inputs["sam_images"])
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        unwrapped = self.accelerator.unwrap_model(model)
+        total = 0.0
+        features = self.sam_features(unwrapped, inputs) if {"seg", "sam"} & set(self.objective) else None
+        if "lm" in self.objective:
+            out = model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                mm_token_type_ids=inputs.get("mm_token_type_ids"), labels=inputs["labels"],
+            )
+            total = total + self.weights["lm"] * out.loss
+            self._record("lm", out.loss)
+        if "seg" in self.objective:
+            out = model(
+                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
+                pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
+                sam_features=features, sam_image_index=inputs["sam_image_index"],
+                logits_to_keep=1,
+            )
+            targets = [t.to(out.mask_logits.device) for t in inputs["target_masks"]]
+            seg, parts = segmentation_loss(out.mask_logits, targets, self.weights["bce"], self.weights["dice"])
+            total = total + self.weights["seg"] * seg
+            self._record("seg", seg)
+            for k, v in parts.items():
+                self._record(k, v)
+        if "sam" in self.objective:
+            logits, _ = decode_with_boxes(unwrapped.sam, features, inputs["sam_boxes"], inputs["sam_image_index"])
+            targets = [t.to(logits.device) for t in inputs["target_masks"]]
+            sam_loss, _ = segmentation_loss(logits, targets, self.weights["bce"], self.weights["dice"])
+            total = total + sam_loss
+            self._record("sam", sam_loss)
+        return (total, None) if return_outputs else total
+
+    def _record(self, name: str, value: torch.Tensor) -> None:
+        self._parts.setdefault(name, []).append(float(value.detach()))
+
+    def log(self, logs: dict[str, float], *args, **kwargs) -> None:
+        for name, values in self._parts.items():
+            if values and "loss" in logs:
+                logs[f"loss/{name}"] = sum(values) / len(values)
+        if "loss" in logs:
+            self._parts = {}
+        super().log(logs, *args, **kwargs)

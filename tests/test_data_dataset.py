@@ -1,0 +1,88 @@
+"""GroundingDataset / expand_expressions / collate on the synthetic data."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from lens.data import load_reasonseg, load_refer
+from lens.data.dataset import GroundingDataset, collate_grounding, expand_expressions
+from lens.data.transforms import llm_image_size, mask_box
+
+
+@pytest.fixture(scope="module")
+def refs(synthetic_root):
+    return load_refer(synthetic_root, "refcoco", "val")
+
+
+def test_item_contents(refs):
+    ds = GroundingDataset(refs, sam_size=64, min_pixels=3136, max_pixels=200_000, seed=1)
+    assert len(ds) == len(refs)
+    for i in range(len(ds)):
+        item, ref = ds[i], refs[i]
+        h, w = item["orig_hw"]
+        assert isinstance(item["image"], Image.Image)
+        assert item["image"].size == (item["llm_hw"][1], item["llm_hw"][0]) and item["llm_hw"] == llm_image_size(h, w, 3136, 200_000)
+        assert item["sam_image"].dtype == torch.uint8 and tuple(item["sam_image"].shape) == (3, 64, 64)
+        assert item["mask"].dtype == np.uint8 and item["mask"].shape == (h, w)
+        assert item["expression"] in ref.expressions and item["ref_id"] == ref.ref_id
+        assert item["box"] == ref.box and item["has_box"]
+        sx, sy = item["llm_hw"][1] / w, item["llm_hw"][0] / h
+        assert item["box_llm"] == [round(ref.box[0] * sx), round(ref.box[1] * sy), round(ref.box[2] * sx), round(ref.box[3] * sy)]
+        assert item["image_id"] == item["image_path"] == str(ref.image_path)
+        assert item["question_template"] == "pr1_grounding"
+
+
+def test_random_expression_is_reproducible_and_varies(refs):
+    multi = [r for r in refs if len(r.expressions) > 1]
+    assert multi
+    a = GroundingDataset(multi, seed=3)
+    b = GroundingDataset(multi, seed=3)
+    picks = lambda ds: [ds.expression_index(i) for i in range(len(ds))]  # noqa: E731
+    assert picks(a) == picks(b)
+    seen = set()
+    for epoch in range(6):
+        a.set_epoch(epoch)
+        seen.update(picks(a))
+    assert len(seen) > 1
+    fixed = GroundingDataset(multi, random_expression=False)
+    assert set(picks(fixed)) == {0}
+
+
+def test_expand_expressions_and_pairs(refs):
+    pairs = expand_expressions(refs)
+    assert len(pairs) == sum(len(r.expressions) for r in refs)
+    ds = GroundingDataset(pairs, sam_size=32)
+    for i in (0, len(ds) - 1):
+        ref, k = pairs[i]
+        assert ds[i]["expression"] == ref.expressions[k] and ds[i]["expr_index"] == k
+
+
+def test_reasonseg_items_use_longest_side_and_mask_box(synthetic_root):
+    refs = load_reasonseg(synthetic_root, "val")[:3]
+    ds = GroundingDataset(refs, sam_size=32, llm_longest_side=100)
+    batch = collate_grounding([ds[i] for i in range(len(ds))])
+    assert tuple(batch["sam_image"].shape) == (3, 3, 32, 32)
+    for item_box, mask, (h, w), llm_hw in zip(batch["box"], batch["mask"], batch["orig_hw"], batch["llm_hw"]):
+        assert item_box == mask_box(mask == 1)
+        assert llm_hw == llm_image_size(h, w, longest_side=100) and max(llm_hw) <= 112
+
+
+def test_mask_image_size_mismatch_is_reported(tmp_path):
+    from lens.data import load_custom, write_custom_jsonl
+
+    Image.new("RGB", (40, 30)).save(tmp_path / "a.jpg")
+    rec = {"image": "a.jpg", "expressions": ["x"], "mask": {"size": [10, 10], "counts": [0, 100]}, "id": "m"}
+    ds = GroundingDataset(load_custom(write_custom_jsonl(tmp_path / "d.jsonl", [rec])))
+    with pytest.raises(ValueError, match="m: mask size"):
+        ds[0]
+
+
+def test_references_pickle_for_worker_processes(refs):
+    import pickle
+
+    clones = pickle.loads(pickle.dumps(refs))
+    assert [c.ref_id for c in clones] == [r.ref_id for r in refs]
+    assert all(np.array_equal(c.load_mask(), r.load_mask()) for c, r in zip(clones, refs))

@@ -1,0 +1,129 @@
+#!/usr/bin/env python
+"""The LENS miniature on CPU: synthetic data -> tiny warm-up -> stage 1 -> stage 2 -> held-out evaluation of
+each stage (with the swap check) -> demo overlay. Writes outputs/quickstart/results.json and a table.
+
+Run through `bash scripts/quickstart.sh` (which prepares .venv). Finished stages are reused; `--fresh` redoes all.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+OUT = ROOT / "outputs" / "quickstart"
+RECIPES = ROOT / "configs" / "recipes" / "tiny"
+STAGES = ("warmup", "stage1", "stage2")
+
+
+def train(stage: str, overrides: list[str]) -> tuple[Path, float]:
+    from lens.training.recipe import load_recipe, run
+
+    final = OUT / stage / "final"
+    if (final / "config.json").is_file():
+        print(f"[quickstart] {stage}: reusing {final}")
+        return final, 0.0
+    start = time.time()
+    run(load_recipe(RECIPES / f"{stage}.yaml", overrides))
+    return final, time.time() - start
+
+
+def logged(stage: str, key: str) -> list[float]:
+    state = OUT / stage / "final" / "trainer_state.json"
+    if not state.is_file():
+        checkpoints = sorted((OUT / stage).glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+        state = checkpoints[-1] if checkpoints else state
+    history = json.loads(state.read_text())["log_history"] if state.is_file() else []
+    return [h[key] for h in history if key in h]
+
+
+def evaluate(checkpoint: Path, split_refs, swaps) -> dict:
+    from lens.evaluation.swap import evaluate_with_swaps
+    from lens.inference import Segmenter
+
+    segmenter = Segmenter.from_pretrained(str(checkpoint), max_new_tokens=40)
+    start = time.time()
+    result = evaluate_with_swaps(segmenter, split_refs, swaps, protocol="standard", batch_size=16)
+    result["eval_seconds"] = round(time.time() - start, 1)
+    return result
+
+
+def demo(checkpoint: Path, refs) -> Path:
+    from lens.inference import Segmenter
+    from lens.visualize import overlay
+
+    ref = refs[0]
+    pred = Segmenter.from_pretrained(str(checkpoint), max_new_tokens=40)(str(ref.image_path), ref.expressions[0])
+    path = OUT / "demo.png"
+    overlay(ref.load_image(), pred.mask, pred.box, f"{ref.expressions[0]} -> {pred.text}").save(path)
+    return path
+
+
+def table(results: dict) -> str:
+    rows = ["| stage | cIoU | gIoU | box acc@0.5 | swap gIoU | mean reward |", "|---|---|---|---|---|---|"]
+    for stage, r in results["stages"].items():
+        reward = r.get("reward_mean")
+        rows.append(
+            f"| {stage} | {100 * r['ciou']:.1f} | {100 * r['giou']:.1f} | {100 * (r['box_acc'] or 0):.1f} | "
+            f"{100 * r['swap_giou']:.1f} | {'-' if reward is None else f'{reward:.3f}'} |"
+        )
+    return "\n".join(rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--fresh", action="store_true", help="delete outputs/quickstart first")
+    args = ap.parse_args(argv)
+    if args.fresh and OUT.exists():
+        shutil.rmtree(OUT)
+    OUT.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+
+    from lens.data.refer import load_refer
+    from lens.data.synthetic import generate_synthetic, load_swaps
+
+    data = OUT / "data"
+    if not (data / "synthetic_meta.json").is_file():
+        generate_synthetic(data, seed=0, n_train=256, n_val=32, n_test=32)
+    held_out = load_refer(data, "refcoco", "val") + load_refer(data, "refcoco", "testA") + load_refer(data, "refcoco", "testB")
+    swaps = load_swaps(data)
+
+    results: dict = {"stages": {}, "seconds": {}}
+    for stage in STAGES:
+        checkpoint, seconds = train(stage, [])
+        results["seconds"][f"train_{stage}"] = round(seconds, 1)
+        metrics = evaluate(checkpoint, held_out, swaps)
+        rewards = logged(stage, "reward") if stage == "stage2" else []
+        if rewards:
+            k = max(1, len(rewards) // 4)
+            metrics.update(reward_mean=sum(rewards) / len(rewards), reward_first=sum(rewards[:k]) / k,
+                           reward_last=sum(rewards[-k:]) / k)
+        step_times = logged(stage, "train_runtime")
+        metrics["train_runtime_s"] = step_times[-1] if step_times else None
+        results["stages"][stage] = metrics
+        print(f"[quickstart] {stage}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
+
+    results["demo"] = str(demo(OUT / "stage2" / "final", held_out).relative_to(ROOT))
+    results["seconds"]["total"] = round(time.time() - t0, 1)
+    s1, s2 = results["stages"]["stage1"], results["stages"]["stage2"]
+    results["targets"] = {
+        "stage1_giou>=0.6": s1["giou"] >= 0.6,
+        "stage1_swap_giou<=0.25": s1["swap_giou"] <= 0.25,
+        "stage2_reward_rises": s2.get("reward_last", 0) > s2.get("reward_first", 0),
+        "stage2_giou>=stage1_giou": s2["giou"] >= s1["giou"] - 1e-9,
+    }
+    (OUT / "results.json").write_text(json.dumps(results, indent=2))
+    md = table(results)
+    (OUT / "results.md").write_text(md + "\n")
+    print("\n" + md + "\n")
+    print(json.dumps(results["targets"]))
+    print(f"[quickstart] results: {OUT / 'results.json'}  demo: {results['demo']}  total {results['seconds']['total']} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
