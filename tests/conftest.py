@@ -17,3 +17,15 @@ def synthetic_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("synthetic")
     generate_synthetic(root, seed=SYNTHETIC_SEED, n_train=12, n_val=8, n_test=8, image_size=160)
     return root
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A self-contained tiny LENS checkpoint folder (random weights, processor saved alongside)."""
+    from lens.modeling import build_preset
+
+    path = tmp_path_factory.mktemp("tiny_ckpt")
+    model, processor = build_preset("tiny", seed=0)
+    model.save_pretrained(path)
+    processor.save_pretrained(path)
+    return path

@@ -10,7 +10,6 @@ Numbers are percentages with one decimal; ``-`` marks a split that was not evalu
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any
 
 REFER_ROWS = (("refcoco", "RefCOCO"), ("refcoco+", "RefCOCO+"), ("refcocog", "RefCOCOg"))
 REFER_COLUMNS = ("val", "testA", "testB", "test")

@@ -87,7 +87,8 @@ class EvalConfig:
     def validate(self) -> None:
         """Raise ``ValueError`` for missing or out-of-range options."""
         if not self.model:
-            raise ValueError("no model given: pass --model <checkpoint folder or preset name> (or 'model:' in the YAML)")
+            raise ValueError("no model given: pass --model <checkpoint folder or preset name> "
+                             "(or 'model:' in the YAML)")
         if self.protocol not in PROTOCOLS:
             raise ValueError(f"unknown protocol {self.protocol!r}; valid: {', '.join(PROTOCOLS)}")
         if self.batch_size < 1:
@@ -390,7 +391,8 @@ def check_signature(found: dict[str, Any], expected: dict[str, Any], where: Path
     diff = {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
     if diff:
         detail = ", ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
-        raise ValueError(f"{where} was written with different settings ({detail}); pass --overwrite or use another --out")
+        raise ValueError(f"{where} was written with different settings ({detail}); "
+                         "pass --overwrite or use another --out")
 
 
 class PartialWriter:
@@ -480,13 +482,16 @@ def upsample_and_score(
     return inters, unions, rles
 
 
-def score_batch(out: Any, exprs: Sequence[Expression], targets: Sequence[np.ndarray], protocol: str) -> list[dict[str, Any]]:
+def score_batch(
+    out: Any, exprs: Sequence[Expression], targets: Sequence[np.ndarray], protocol: str
+) -> list[dict[str, Any]]:
     """Per-expression records: I, U, box IoU in LLM pixels (gt converted as upstream), text, RLE."""
     from lens.data.transforms import box_to_llm_pixels
 
     for e, t, hw in zip(exprs, targets, out.orig_sizes):
         if tuple(t.shape) != tuple(hw):
-            raise ValueError(f"{e.ref.ref_id}: mask size {tuple(t.shape)} differs from image {e.ref.image_path} size {tuple(hw)}")
+            raise ValueError(f"{e.ref.ref_id}: mask size {tuple(t.shape)} differs from image "
+                             f"{e.ref.image_path} size {tuple(hw)}")
     inters, unions, rles = upsample_and_score(out.mask_logits, targets, protocol)
     records = []
     for k, e in enumerate(exprs):
@@ -723,7 +728,8 @@ def save_overlays(folder: Path, exprs: Sequence[Expression], records: Sequence[d
         box = box_from_llm_pixels(r["box_llm"], r["llm_hw"], r["orig_hw"]) if r["box_llm"] else None
         iou = expression_iou(r["I"], r["U"])
         left = overlay(image, pred, box, f"IoU {iou:.3f} | {e.text} -> {r['text']}")
-        right = overlay(image, foreground_mask(torch.from_numpy(raw), protocol)[0].numpy(), e.ref.target_box(raw), f"GT | {e.text}")
+        gt = foreground_mask(torch.from_numpy(raw), protocol)[0].numpy()
+        right = overlay(image, gt, e.ref.target_box(raw), f"GT | {e.text}")
         canvas = Image.new("RGB", (left.width * 2, left.height))
         canvas.paste(left, (0, 0))
         canvas.paste(right, (left.width, 0))
@@ -747,7 +753,7 @@ def collect_results(out: Path, suffix: str, current: dict[str, dict], model: str
         except (json.JSONDecodeError, OSError):
             continue
         sig = res.get("signature", {}) if isinstance(res, dict) else {}
-        if sig.get("model") == model and sig.get("protocol") == protocol and sig.get("limit") == res.get("limit"):
+        if sig.get("model") == model and sig.get("protocol") == protocol:
             merged[m.group(1)] = res
     return merged
 

@@ -17,6 +17,8 @@ class LensConfig(Qwen2_5_VLConfig):
         sam_variant: a key of `lens.modeling.sam.SAM2_CONFIGS` (upstream: SAM 2.0 hiera-L).
         sam_image_size: SAM input side (1024 in released checkpoints).
         sam_overrides: extra Hydra overrides for the SAM2 config (used by small presets).
+        sam_dynamic_multimask: in eval mode, fall back to SAM2's best multimask output when the single
+            mask is unstable (upstream's build_sam2 post-processing; True for released checkpoints).
         query_position_mode: "upstream" = 1-D attention-mask cumulative positions on all three
             M-RoPE axes (what the released weights were trained with); "mrope" = the image grid
             M-RoPE positions of Qwen2.5-VL, queries continuing after the last position.
@@ -32,6 +34,7 @@ class LensConfig(Qwen2_5_VLConfig):
     sam_variant: str = "sam2_hiera_l"
     sam_image_size: int = 1024
     sam_overrides: list | None = None
+    sam_dynamic_multimask: bool = True
     query_position_mode: str = "upstream"
 
     def __post_init__(self, **kwargs):

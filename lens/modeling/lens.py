@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +14,7 @@ from transformers.utils import ModelOutput
 
 from .config import LensConfig
 from .context import QueryConnector, build_proj_to_sam
-from .sam import SamFeatures, build_sam, decode_masks, encode_images
+from .sam import SamFeatures, build_sam, decode_masks, decode_masks_per_sample, encode_images
 
 
 @dataclass
@@ -61,10 +62,13 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             else None
         )
         self.conv_1d = nn.Conv1d(hidden, hidden, kernel_size=q)  # (B, H, Q) -> (B, H, 1)
-        self.sam = build_sam(config.sam_variant, config.sam_image_size, config.sam_overrides)
+        self.sam = build_sam(config.sam_variant, config.sam_image_size, config.sam_overrides, config.sam_dynamic_multimask)
         for module in self.sam.modules():
             module._lens_sam = True  # SAM2 keeps the sam2 package's own initialisation
         self.proj_to_sam = build_proj_to_sam(hidden, self.sam.hidden_dim)
+        for name in ("connector", "conv_1d", "proj_to_sam"):
+            for module in getattr(self, name).modules() if getattr(self, name) is not None else ():
+                module._lens_context = True
         self.post_init()
 
     # ------------------------------------------------------------------ loading
@@ -89,14 +93,36 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
 
     # ------------------------------------------------------------------ init
     def _init_weights(self, module: nn.Module) -> None:
-        """Explicit init of the context module (upstream's was silently skipped, reference §1.1)."""
+        """Explicit init of the context module (upstream's was silently skipped, reference §1.1).
+
+        Linear/Conv1d weights of the context module are N(0, std) with std = 0.02 * sqrt(2048 / H): exactly the
+        intended 0.02 at Qwen2.5-VL-3B's width, and the same signal gain at other widths, so that the SAM
+        prompt keeps a scale the mask decoder can use (at H=128 a fixed 0.02 shrinks it ~100x).
+        """
         if getattr(module, "_lens_sam", False):
             return
         if module is self:
             init.normal_(self.learnable_query, mean=0.0, std=0.02)
         elif isinstance(module, QueryConnector):
             init.zeros_(module.pos_embed)
+        elif getattr(module, "_lens_context", False) and isinstance(module, (nn.Linear, nn.Conv1d)):
+            std = 0.02 * math.sqrt(2048 / self.config.text_config.hidden_size)
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.bias)
+            return
         super()._init_weights(module)
+
+    def reset_context_module(self) -> None:
+        """Re-initialise learnable_query, connector, conv_1d and proj_to_sam (as a fresh stage 1 would)."""
+        modules = [m for v in self.context_modules.values() if isinstance(v, nn.Module) for m in v.modules()]
+        for module in [self, *modules]:
+            module._is_hf_initialized = False
+            for param in module.parameters(recurse=False):
+                param._is_hf_initialized = False
+        with torch.no_grad():
+            for module in modules:
+                self._init_weights(module)
+            init.normal_(self.learnable_query, mean=0.0, std=0.02)
 
     @property
     def context_modules(self) -> dict[str, nn.Module | nn.Parameter]:
@@ -163,14 +189,20 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         return self.proj_to_sam(x)
 
     def masks_from_queries(
-        self, query_states: torch.Tensor, sam_features: SamFeatures, sam_image_index: torch.Tensor | None = None
+        self,
+        query_states: torch.Tensor,
+        sam_features: SamFeatures,
+        sam_image_index: torch.Tensor | None = None,
+        per_sample_decoding: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(B, Q, H) query states + features of N images (+ row -> image index (B,)) ->
-        mask logits (B, 1, h, w), predicted IoU (B, 1), SAM prompt (B, 1, C)."""
+        mask logits (B, 1, h, w), predicted IoU (B, 1), SAM prompt (B, 1, C).
+        `per_sample_decoding` runs the original per-row decoder loop (same numbers; for benchmarks)."""
         if sam_image_index is not None:
             sam_image_index = sam_image_index.to(sam_features.image_embed.device)
         sam_prompt = self.sam_prompt_from_queries(query_states)
-        mask_logits, iou = decode_masks(self.sam, sam_features, sam_prompt, sam_image_index)
+        decode = decode_masks_per_sample if per_sample_decoding else decode_masks
+        mask_logits, iou = decode(self.sam, sam_features, sam_prompt, sam_image_index)
         return mask_logits, iou, sam_prompt
 
     def query_inputs(
@@ -236,6 +268,7 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         sam_image_index: torch.LongTensor | None = None,
         logits_to_keep: int = 0,
         return_logits: bool = True,
+        per_sample_decoding: bool = False,
     ) -> LensOutput:
         """One pass over tokens + appended queries -> token logits, query states and masks.
 
@@ -258,7 +291,9 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
 
         if sam_features is None:
             sam_features = self.encode_sam_images(sam_images)
-        mask_logits, iou, sam_prompt = self.masks_from_queries(query_states, sam_features, sam_image_index)
+        mask_logits, iou, sam_prompt = self.masks_from_queries(
+            query_states, sam_features, sam_image_index, per_sample_decoding
+        )
         return LensOutput(
             logits=logits, mask_logits=mask_logits, iou_scores=iou, sam_prompt=sam_prompt, query_states=query_states
         )

@@ -31,7 +31,7 @@ WEIGHTS_HELP = (
 _DROP_RELEASED = ("architectures", "model_type", "if_include_sam", "transformers_version", "_name_or_path")
 _LENS_FIELDS = (
     "num_of_query", "if_use_qwen_connector", "connector_depth", "connector_heads", "connector_mlp_ratio",
-    "sam_variant", "sam_image_size", "sam_overrides", "query_position_mode",
+    "sam_variant", "sam_image_size", "sam_overrides", "sam_dynamic_multimask", "query_position_mode",
 )
 
 
@@ -91,7 +91,7 @@ def finish_from_pretrained(model, kind: str, missing: set[str], sam_checkpoint: 
         )
     if missing_sam or sam_checkpoint:
         cfg = model.config
-        fresh = build_sam(cfg.sam_variant, cfg.sam_image_size, cfg.sam_overrides)
+        fresh = build_sam(cfg.sam_variant, cfg.sam_image_size, cfg.sam_overrides, cfg.sam_dynamic_multimask)
         if sam_checkpoint:
             load_sam_checkpoint(fresh, sam_checkpoint, cfg.sam_variant)
         elif kind != "qwen":

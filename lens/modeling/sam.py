@@ -44,7 +44,12 @@ SAM_PIXEL_MEAN = (123.675, 116.28, 103.53)
 SAM_PIXEL_STD = (58.395, 57.12, 57.375)
 
 
-def build_sam(variant: str = "sam2_hiera_l", image_size: int = 1024, overrides: list[str] | None = None) -> nn.Module:
+def build_sam(
+    variant: str = "sam2_hiera_l",
+    image_size: int = 1024,
+    overrides: list[str] | None = None,
+    dynamic_multimask: bool = True,
+) -> nn.Module:
     """Instantiate SAM2Base (random weights) from the `sam2` package and drop its memory modules."""
     if variant not in SAM2_CONFIGS:
         raise ValueError(f"sam_variant={variant!r} is not known; expected one of {sorted(SAM2_CONFIGS)}")
@@ -55,7 +60,7 @@ def build_sam(variant: str = "sam2_hiera_l", image_size: int = 1024, overrides: 
 
     cfg = compose(
         config_name=SAM2_CONFIGS[variant],
-        overrides=[f"++model.image_size={image_size}", *DYNAMIC_MULTIMASK, *(overrides or [])],
+        overrides=[f"++model.image_size={image_size}", *(DYNAMIC_MULTIMASK if dynamic_multimask else []), *(overrides or [])],
     )
     OmegaConf.resolve(cfg)
     sam = instantiate(cfg.model, _recursive_=True)
@@ -153,6 +158,16 @@ def decode_masks(
         high_res_features=high_res,
     )
     return masks, iou
+
+
+def decode_masks_per_sample(
+    sam: nn.Module, features: SamFeatures, prompt: torch.Tensor, index: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The original flow: one decoder call per row (a Python loop). Same numbers as `decode_masks`; kept
+    as the reference that benchmarks and tests compare the batched path against."""
+    rows = range(prompt.shape[0])
+    outs = [decode_masks(sam, features.index([int(index[b]) if index is not None else b]), prompt[b : b + 1]) for b in rows]
+    return torch.cat([m for m, _ in outs]), torch.cat([i for _, i in outs])
 
 
 def decode_with_boxes(

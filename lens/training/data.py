@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import torch
-from torch.utils.data import Dataset
 
 from lens.data.base import Reference
 from lens.data.custom import load_custom
@@ -100,29 +99,31 @@ class SupervisedCollator:
         }
 
 
-class GRPORows(Dataset):
-    """GRPO rows for TRL: conversational `prompt`, the LLM `image`, and the columns the rewards and the
+def grpo_row(item: dict[str, Any], system_prompt: str | None = None) -> dict[str, Any]:
+    """One GRPO row for TRL: conversational `prompt`, the LLM `image`, and the columns the rewards and the
     segmentation loss need (`box_llm`, `mask`, `sam_image`, `image_id`)."""
+    kwargs = {} if system_prompt is None else {"system": system_prompt}
+    return {
+        "prompt": build_messages(item["expression"], item["question_template"], **kwargs),
+        "image": item["image"],
+        "box_llm": item["box_llm"] if item["has_box"] else None,
+        "mask": item["mask"],
+        "sam_image": item["sam_image"],
+        "image_id": item["image_id"],
+        "ref_id": item["ref_id"],
+    }
 
-    def __init__(self, dataset: GroundingDataset, system_prompt: str | None = None) -> None:
-        self.dataset = dataset
-        self.system = system_prompt
 
-    def __len__(self) -> int:
-        return len(self.dataset)
+def grpo_dataset(dataset: GroundingDataset, system_prompt: str | None = None):
+    """A `datasets.Dataset` of indices whose rows are built lazily from `dataset` (TRL needs an HF Dataset;
+    nothing is materialised, so RefCOCO-sized sources cost no memory up front)."""
+    from datasets import Dataset as HFDataset
 
-    def set_epoch(self, epoch: int) -> None:
-        self.dataset.set_epoch(epoch)
+    rows = HFDataset.from_dict({"index": list(range(len(dataset)))})
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        item = self.dataset[index]
-        kwargs = {} if self.system is None else {"system": self.system}
-        return {
-            "prompt": build_messages(item["expression"], item["question_template"], **kwargs),
-            "image": item["image"],
-            "box_llm": item["box_llm"] if item["has_box"] else None,
-            "mask": item["mask"],
-            "sam_image": item["sam_image"],
-            "image_id": item["image_id"],
-            "ref_id": item["ref_id"],
-        }
+    def transform(batch: dict[str, list]) -> dict[str, list]:
+        built = [grpo_row(dataset[i], system_prompt) for i in batch["index"]]
+        return {key: [row[key] for row in built] for key in built[0]}
+
+    rows.set_transform(transform)
+    return rows

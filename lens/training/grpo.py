@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+from transformers.utils import logging as hf_logging
 from trl import GRPOTrainer
 from trl.data_utils import apply_chat_template
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
@@ -51,9 +52,14 @@ def build_reference_model(policy, init_path: str | Path | None = None) -> Qwen2_
     From `init_path` when it is a checkpoint folder (works under ZeRO-3), else copied from `policy`.
     """
     if init_path is not None and Path(init_path).is_dir():
-        ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-            init_path, config=qwen_config(policy.config), key_mapping=LEGACY_KEY_MAPPING, dtype=policy.dtype
-        )
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # the LENS-only keys are expected to be left out
+        try:
+            ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+                init_path, config=qwen_config(policy.config), key_mapping=LEGACY_KEY_MAPPING, dtype=policy.dtype
+            )
+        finally:
+            hf_logging.set_verbosity(verbosity)
     else:
         ref = Qwen2_5_VLForConditionalGeneration(qwen_config(policy.config)).to(policy.dtype)
         own = {k: v for k, v in policy.state_dict().items() if k.startswith(("model.", "lm_head."))}
@@ -62,8 +68,16 @@ def build_reference_model(policy, init_path: str | Path | None = None) -> Qwen2_
     return ref.eval().requires_grad_(False)
 
 
+FLOWS = ("fast", "reference")
+
+
 class LensGRPOTrainer(GRPOTrainer):
-    """GRPO for LENS. Dataset rows: `prompt`, `image`, `box_llm`, `mask`, `sam_image`, `image_id`."""
+    """GRPO for LENS. Dataset rows: `prompt`, `image`, `box_llm`, `mask`, `sam_image`, `image_id`.
+
+    `flow="reference"` reproduces the original's data flow for benchmarking (same numbers, more work): SAM2
+    encodes the image once per rollout, the mask decoder runs in a per-sample loop, and the policy log-probs
+    and the masks come from two separate forwards.
+    """
 
     def __init__(
         self,
@@ -72,8 +86,11 @@ class LensGRPOTrainer(GRPOTrainer):
         bce_weight: float = 1.0,
         dice_weight: float = 1.0,
         reference_init: str | Path | None = None,
+        flow: str = "fast",
         **kwargs,
     ) -> None:
+        if flow not in FLOWS:
+            raise ValueError(f"flow={flow!r}; expected one of {FLOWS}")
         config = kwargs["args"]
         per_rank = config.per_device_train_batch_size * config.steps_per_generation
         if per_rank % config.num_generations:
@@ -88,6 +105,7 @@ class LensGRPOTrainer(GRPOTrainer):
             config.beta = beta
         self.beta = beta
         self.seg_weight, self.bce_weight, self.dice_weight = seg_weight, bce_weight, dice_weight
+        self.flow = flow
         self.needs_mask_iou = any(name in MASK_REWARDS for name in self.reward_func_names)
         self._sam: SamFeatures | None = None
         self._seg_inputs: dict | None = None
@@ -111,6 +129,8 @@ class LensGRPOTrainer(GRPOTrainer):
         policy = lens_module(self.model)
         if any(p.requires_grad for p in policy.sam.image_encoder.parameters()):
             raise ValueError("stage 2 caches SAM2 image features: keep trainable.sam_image_encoder false")
+        if self.flow == "reference":  # one encoding per rollout
+            sam_images, index = sam_images[index], torch.arange(len(index))
         with torch.no_grad(), self.accelerator.autocast():
             self._sam = policy.encode_sam_images(sam_images.to(self.accelerator.device))
         self._row_image = index.to(self.accelerator.device)
@@ -150,6 +170,7 @@ class LensGRPOTrainer(GRPOTrainer):
                     torch.cat([enc["input_ids"], comp_ids], 1), torch.cat([enc["attention_mask"], comp_mask], 1),
                     enc["pixel_values"], enc["image_grid_thw"], sam_features=self._sam,
                     sam_image_index=self._row_image[s : s + step], return_logits=False,
+                    per_sample_decoding=self.flow == "reference",
                 )
             targets = [torch.from_numpy(r["mask"] == 1).to(device) for r in rows]
             ious.append(mask_iou_from_logits(out.mask_logits, targets))
@@ -164,6 +185,9 @@ class LensGRPOTrainer(GRPOTrainer):
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                 pixel_values=pixel_values, image_grid_thw=image_grid_thw, **kwargs,
             )
+        if self.flow == "reference":
+            return self._reference_flow_logps(model, input_ids, attention_mask, logits_to_keep, compute_entropy,
+                                              pixel_values, image_grid_thw)
         policy = lens_module(model)
         q = policy.config.num_of_query
         embeds, full_mask, positions = policy.query_inputs(input_ids, attention_mask, pixel_values, image_grid_thw)
@@ -185,6 +209,30 @@ class LensGRPOTrainer(GRPOTrainer):
         window = slice(-(logits_to_keep + q), -q)  # log_probs[:, j] scores token j + 1
         entropy = out.entropy[:, window] if compute_entropy else None
         return out.log_probs[:, window], entropy, None
+
+    def _reference_flow_logps(self, model, input_ids, attention_mask, logits_to_keep, compute_entropy,
+                              pixel_values, image_grid_thw):
+        """Original flow: a query forward for the masks (per-sample decoding), then a second forward for the
+        token log-probs."""
+        policy = lens_module(model)
+        if self._seg_inputs is not None:
+            with self.accelerator.autocast():
+                out = policy.forward_with_queries(
+                    input_ids, attention_mask, pixel_values, image_grid_thw, sam_features=self._sam,
+                    sam_image_index=self._seg_inputs["sam_image_index"], return_logits=False,
+                    per_sample_decoding=True,
+                )
+            self._mask_logits = out.mask_logits
+        q = policy.config.num_of_query
+        embeds, full_mask, positions = policy.query_inputs(input_ids, attention_mask, pixel_values, image_grid_thw)
+        labels = input_ids.masked_fill(attention_mask == 0, -100)
+        labels[:, :-logits_to_keep] = -100
+        labels = torch.cat([labels, labels.new_full((labels.shape[0], q), -100)], dim=1)
+        with self.accelerator.autocast():
+            out = model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions, labels=labels,
+                        fused_lm_head=True)
+        window = slice(-(logits_to_keep + q), -q)
+        return out.log_probs[:, window], out.entropy[:, window] if compute_entropy else None, None
 
     def _compute_loss(self, model, inputs):
         self._seg_inputs = inputs

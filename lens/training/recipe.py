@@ -17,7 +17,7 @@ from transformers import AutoProcessor, TrainerCallback, TrainingArguments, set_
 from lens.data.dataset import GroundingDataset
 from lens.modeling import LensForConditionalGeneration, build_preset
 from lens.rewards import get_reward_funcs
-from lens.training.data import GRPORows, SupervisedCollator, load_sources
+from lens.training.data import SupervisedCollator, grpo_dataset, load_sources
 from lens.training.trainable import set_trainable
 
 logger = logging.getLogger(__name__)
@@ -91,6 +91,8 @@ def load_policy(cfg: dict[str, Any], seed: int):
             kwargs["sam_checkpoint"] = cfg["sam_checkpoint"]
         model = LensForConditionalGeneration.from_pretrained(init, **kwargs)
         processor = AutoProcessor.from_pretrained(init)
+    if cfg.get("reinit_context"):
+        model.reset_context_module()
     return model, processor
 
 
@@ -132,8 +134,8 @@ def lora_config(cfg: dict[str, Any] | None):
 
 
 # ---------------------------------------------------------------------- the procedure
-def run(recipe: dict[str, Any], resume: bool = False) -> Path:
-    """Train one recipe; returns the folder of the final checkpoint."""
+def build_trainer(recipe: dict[str, Any]):
+    """Model, processor, data and trainer of a recipe (writes the resolved config next to the outputs)."""
     stage, train_cfg = recipe["stage"], dict(recipe["train"])
     seed = int(train_cfg.setdefault("seed", 42))
     out = Path(train_cfg["output_dir"])
@@ -169,9 +171,10 @@ def run(recipe: dict[str, Any], resume: bool = False) -> Path:
         init = recipe["model"]["init"]
         trainer = LensGRPOTrainer(
             model=model, reward_funcs=get_reward_funcs(recipe.get("rewards", ["box_iou", "mask_iou"])), args=args,
-            train_dataset=GRPORows(dataset), processing_class=processor, peft_config=lora_config(recipe.get("lora")),
+            train_dataset=grpo_dataset(dataset), processing_class=processor, peft_config=lora_config(recipe.get("lora")),
             seg_weight=loss.get("seg_weight", 1.0), bce_weight=loss.get("bce_weight", 1.0),
             dice_weight=loss.get("dice_weight", 1.0), reference_init=None if str(init).startswith("preset:") else init,
+            flow=recipe.get("flow", "fast"),
         )
     else:
         from lens.training.supervised import SupervisedLensTrainer
@@ -185,10 +188,17 @@ def run(recipe: dict[str, Any], resume: bool = False) -> Path:
             cache_sam_features=bool(recipe.get("cache_sam_features", False)),
         )
     trainer.add_callback(EpochCallback(dataset))
+    return trainer
+
+
+def run(recipe: dict[str, Any], resume: bool = False) -> Path:
+    """Train one recipe; returns the folder of the final checkpoint."""
+    trainer = build_trainer(recipe)
+    out = Path(trainer.args.output_dir)
     trainer.train(resume_from_checkpoint=resume_checkpoint(out) if resume else None)
     final = out / "final"
     trainer.save_model(str(final))
-    processor.save_pretrained(final)
+    trainer.processing_class.save_pretrained(final)
     (final / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     return final
 
