@@ -23,7 +23,8 @@ def tiny():
     model, processor = build_preset("tiny", seed=1)
     TINY_SAM.update(sam_variant=model.config.sam_variant, sam_image_size=model.config.sam_image_size,
                     sam_overrides=model.config.sam_overrides, connector_depth=model.config.connector_depth,
-                    connector_heads=model.config.connector_heads)
+                    connector_heads=model.config.connector_heads,
+                    sam_dynamic_multimask=model.config.sam_dynamic_multimask)
     return model.eval(), processor
 
 

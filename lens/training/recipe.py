@@ -150,6 +150,9 @@ def build_trainer(recipe: dict[str, Any]):
     if stage == "stage2":
         from trl import GRPOConfig
 
+        # the masks are decoded from query states captured inside the DDP forward but outside its module call:
+        # a static graph (the same every step) lets DDP reduce those gradients correctly
+        train_cfg.setdefault("ddp_static_graph", True)
         args = GRPOConfig(**train_cfg, **recipe.get("grpo", {}))
     else:
         args = TrainingArguments(**train_cfg)  # created before the model: ZeRO-3 init needs it

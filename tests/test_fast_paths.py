@@ -1,0 +1,194 @@
+"""Every fast path gives the reference flow's numbers (CPU, tiny preset).
+
+The reference flow does what the original does: SAM2 encodes the image once per rollout or expression, the
+mask decoder runs in a per-sample loop, and the GRPO policy log-probs and masks come from separate forwards.
+`tools/benchmark.py` times both flows; these tests prove that the speed costs nothing in the numbers.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from lens.modeling import LensForConditionalGeneration
+from lens.modeling.sam import decode_masks, decode_masks_per_sample
+from lens.training.grpo import FLOWS, lens_module
+from lens.training.recipe import build_trainer, load_recipe
+
+RECIPES = Path(__file__).resolve().parents[1] / "configs" / "recipes" / "tiny"
+ROW_IMAGE = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])  # 8 rows (rollouts / expressions) over 3 images
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return LensForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+
+
+@pytest.fixture(scope="module")
+def sam_images():
+    rng = np.random.default_rng(0)
+    return torch.from_numpy(rng.integers(0, 256, (3, 3, 256, 256), dtype=np.uint8))
+
+
+def close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-5) -> None:
+    torch.testing.assert_close(a, b, atol=atol, rtol=rtol)
+
+
+# ---------------------------------------------------------------------- (1) shared SAM2 features
+def test_shared_sam_features_equal_per_rollout_encoding(model, sam_images):
+    with torch.no_grad():
+        shared = model.encode_sam_images(sam_images)  # once per distinct image
+        per_rollout = model.encode_sam_images(sam_images[ROW_IMAGE])  # once per row, as the original
+    gathered = shared.index(ROW_IMAGE)
+    for name in ("image_embed", "fpn_s0", "fpn_s1"):
+        close(getattr(gathered, name), getattr(per_rollout, name))
+
+    prompt = torch.randn(len(ROW_IMAGE), 1, model.sam.hidden_dim, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        m_shared, iou_shared = decode_masks(model.sam, shared, prompt, ROW_IMAGE)
+        m_rollout, iou_rollout = decode_masks(model.sam, per_rollout, prompt)
+    close(m_shared, m_rollout)
+    close(iou_shared, iou_rollout)
+    assert not torch.allclose(m_shared[0], m_shared[3], atol=1e-3)  # rows of different images differ
+
+
+# ---------------------------------------------------------------------- (2) batched decoding
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_batched_decoding_equals_the_per_sample_loop(model, sam_images, training):
+    model.train(training)
+    try:
+        with torch.no_grad():
+            feats = model.encode_sam_images(sam_images)
+        base = torch.randn(len(ROW_IMAGE), 1, model.sam.hidden_dim, generator=torch.Generator().manual_seed(2))
+        weight = torch.randn(len(ROW_IMAGE), 1, 64, 64, generator=torch.Generator().manual_seed(3))
+        conv = model.sam.sam_mask_decoder.conv_s0.weight
+        results = {}
+        for name, decode in (("batched", decode_masks), ("loop", decode_masks_per_sample)):
+            prompt = base.clone().requires_grad_(True)
+            conv.grad = None
+            masks, iou = decode(model.sam, feats, prompt, ROW_IMAGE)
+            ((masks * weight).sum() + iou.sum()).backward()
+            results[name] = (masks.detach(), iou.detach(), prompt.grad.clone(), conv.grad.clone())
+        for a, b in zip(results["batched"], results["loop"]):
+            close(a, b, atol=1e-4, rtol=1e-4)  # gradients summed over rows in a different order
+        # without an index, row b uses image b
+        with torch.no_grad():
+            close(decode_masks(model.sam, feats, base[:3])[0], decode_masks_per_sample(model.sam, feats, base[:3])[0])
+    finally:
+        model.zero_grad(set_to_none=True)
+        model.eval()
+
+
+# ---------------------------------------------------------------------- (3) one GRPO forward, both flows
+@pytest.fixture(scope="module")
+def grpo_batches(synthetic_root, tiny_checkpoint, tmp_path_factory):
+    """One trainer; the same 2 prompts x G rollouts generated under each flow with the same seed."""
+    out = tmp_path_factory.mktemp("grpo_fast_paths")
+    recipe = load_recipe(RECIPES / "stage2.yaml", [
+        f"data.root={synthetic_root}", f"model.init={tiny_checkpoint}", f"train.output_dir={out}",
+        "train.report_to=none", "train.max_steps=1", "grpo.max_completion_length=10", "train.disable_tqdm=true",
+    ])
+    trainer = build_trainer(recipe)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop; we call the pieces directly
+    g = trainer.args.num_generations
+    data = trainer.train_dataset
+    first = dict(data[0])
+    second = next(dict(data[i]) for i in range(1, len(data)) if data[i]["image_id"] != first["image_id"])
+    prompts = [first, second]  # two distinct images, so the row -> image index matters
+    batches = {}
+    for flow in FLOWS:
+        trainer.flow = flow
+        rows = [dict(prompts[i // g]) for i in range(2 * g)]
+        torch.manual_seed(0)
+        inputs = trainer._generate_and_score_completions(rows)
+        batches[flow] = {"inputs": inputs, "rows": rows, "sam": trainer._sam, "n_sam": len(trainer._sam)}
+    return trainer, batches
+
+
+def test_both_flows_score_the_same_rollouts(grpo_batches):
+    trainer, batches = grpo_batches
+    fast, ref = batches["fast"], batches["reference"]
+    g = trainer.args.num_generations
+    assert fast["n_sam"] == 2 and ref["n_sam"] == 2 * g  # one SAM2 encoding per image vs per rollout
+    torch.testing.assert_close(fast["inputs"]["completion_ids"], ref["inputs"]["completion_ids"], rtol=0, atol=0)
+    assert [r["mask_iou"] for r in fast["rows"]] == pytest.approx([r["mask_iou"] for r in ref["rows"]], abs=1e-5)
+    close(fast["inputs"]["advantages"], ref["inputs"]["advantages"], atol=1e-4, rtol=1e-4)
+    close(fast["inputs"]["ref_per_token_logps"], ref["inputs"]["ref_per_token_logps"])
+
+
+def run_flow(trainer, flow: str, batch: dict) -> dict[str, torch.Tensor]:
+    """Per-token log-probs, mask logits, loss and a few gradients of `flow` on its own generation batch."""
+    trainer.flow, trainer._sam = flow, batch["sam"]
+    inputs = batch["inputs"]
+    model = trainer.model
+    ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)
+    att = torch.cat([inputs["prompt_mask"], inputs["completion_mask"]], 1)
+    trainer._seg_inputs = inputs
+    try:
+        with torch.no_grad():
+            logps, _, _ = trainer._get_per_token_logps_and_entropies(
+                model, ids, att, inputs["completion_ids"].shape[1],
+                pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
+        masks = trainer._mask_logits
+    finally:
+        trainer._seg_inputs, trainer._mask_logits = None, None
+    model.zero_grad(set_to_none=True)
+    loss = trainer._compute_loss(model, inputs)
+    loss.backward()
+    policy = lens_module(model)
+    grads = {name: policy.get_parameter(name).grad.clone() for name in (
+        "learnable_query", "conv_1d.weight", "model.language_model.layers.0.self_attn.q_proj.weight",
+        "model.visual.blocks.0.attn.qkv.weight", "sam.sam_mask_decoder.conv_s0.weight")}
+    model.zero_grad(set_to_none=True)
+    return {"logps": logps, "masks": masks, "loss": loss.detach(), **grads}
+
+
+def test_grpo_forward_fast_equals_reference_flow(grpo_batches):
+    trainer, batches = grpo_batches
+    fast = run_flow(trainer, "fast", batches["fast"])
+    ref = run_flow(trainer, "reference", batches["reference"])
+    mask = batches["fast"]["inputs"]["completion_mask"].bool()
+    close(fast["logps"][mask], ref["logps"][mask])
+    close(fast["masks"], ref["masks"], atol=1e-4, rtol=1e-4)
+    assert fast["loss"].item() == pytest.approx(ref["loss"].item(), rel=1e-5, abs=1e-6)
+    for name in fast:
+        if name not in ("logps", "masks", "loss"):
+            assert fast[name].abs().sum() > 0, name
+            close(fast[name], ref[name], atol=1e-6, rtol=1e-3)
+
+
+# ---------------------------------------------------------------------- (4) batched evaluation
+def test_batched_segmenter_equals_one_at_a_time(synthetic_root, tiny_checkpoint, model):
+    from transformers import AutoProcessor
+
+    from lens.data.registry import load_benchmark
+    from lens.inference import Segmenter
+
+    refs = load_benchmark("refcoco_val", synthetic_root)
+    pairs = [(ref, i) for ref in refs for i in range(len(ref.expressions))]
+    by_image: dict[str, list] = {}
+    for ref, i in pairs:
+        by_image.setdefault(ref.image_key, []).append((ref, i))
+    chosen = [p for group in list(by_image.values())[:3] for p in group[:3]]  # <= 3 images, several texts each
+    images = {ref.image_key: ref.load_image() for ref, _ in chosen}
+    keys = [ref.image_key for ref, _ in chosen]
+    texts = [ref.expressions[i] for ref, i in chosen]
+
+    seg = Segmenter(model, AutoProcessor.from_pretrained(tiny_checkpoint), max_new_tokens=8)
+    encoded: list[int] = []
+    encode = model.encode_sam_images
+    model.encode_sam_images = lambda x: encoded.append(len(x)) or encode(x)
+    try:
+        batched = seg.run_batch([images[k] for k in keys], texts, image_keys=keys)
+        assert encoded == [len(images)]  # one SAM2 encoding per distinct image
+        single = [seg.run_batch([images[k]], [t]) for k, t in zip(keys, texts)]
+    finally:
+        del model.encode_sam_images
+    assert len(encoded) == 1 + len(texts)
+    assert batched.texts == [s.texts[0] for s in single]
+    close(batched.mask_logits, torch.cat([s.mask_logits for s in single]), atol=1e-4, rtol=1e-4)
+    close(batched.scores, torch.cat([s.scores for s in single]), atol=1e-4, rtol=1e-4)
