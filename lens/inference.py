@@ -149,7 +149,7 @@ class Segmenter:
         out = self.model.forward_with_queries(
             input_ids=seqs, attention_mask=attention, pixel_values=inputs.get("pixel_values"),
             image_grid_thw=inputs.get("image_grid_thw"), sam_features=feats, sam_image_index=index.to(device),
-            return_logits=False,
+            return_logits=False, share_vision=True,
         )
         decoded = tok.batch_decode(completion * comp_mask + tok.pad_token_id * (1 - comp_mask), skip_special_tokens=True)
         return BatchOutput(

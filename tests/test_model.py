@@ -204,3 +204,27 @@ def test_bad_config_and_inputs(tiny):
         model(**batch, sam_images=sam[:, :, :100, :100], sam_image_index=index)
     with pytest.raises(ValueError, match="sam_image_index"):
         model(**batch, sam_images=sam)  # 2 images for 3 rows and no index
+
+
+def test_vision_tower_once_per_distinct_image_equals_per_row(tiny):
+    """Rows sharing an image: one ViT encoding, same outputs and same gradients as encoding every row."""
+    model, processor = tiny
+    batch, sam, index = make_batch(processor, n_rows=3, n_images=2)  # rows 0 and 2 show image 0
+    batch.pop("mm_token_type_ids")
+    calls = []
+    hook = model.model.visual.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
+    results = {}
+    try:
+        for share in (True, False):
+            model.zero_grad()
+            out = model.forward_with_queries(**batch, sam_images=sam, sam_image_index=index, share_vision=share)
+            (out.logits.float().logsumexp(-1).mean() + out.mask_logits.float().sigmoid().mean()).backward()
+            grad = model.get_parameter("model.visual.blocks.0.mlp.up_proj.weight").grad.clone()
+            results[share] = (out.logits.detach(), out.mask_logits.detach(), grad)
+    finally:
+        hook.remove()
+        model.zero_grad()
+    patches = batch["image_grid_thw"].prod(-1)
+    assert calls == [int(patches[0] + patches[1]), int(patches.sum())]  # 2 images encoded instead of 3
+    for a, b in zip(results[True], results[False]):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)

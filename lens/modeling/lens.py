@@ -166,12 +166,21 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         input_ids: torch.LongTensor,
         pixel_values: torch.Tensor | None,
         image_grid_thw: torch.LongTensor | None,
+        image_index: torch.LongTensor | None = None,
     ) -> torch.Tensor:
-        """Token embeddings with the vision tower's features scattered into the image-pad slots (one ViT call)."""
+        """Token embeddings with vision features scattered into the image-pad slots.
+
+        Row b holds one image. With `image_index` (B,), rows that share an index share one image: the vision
+        tower encodes each distinct image once (gradients add up as if each row had its own copy).
+        """
         embeds = self.model.get_input_embeddings()(input_ids)
         if pixel_values is None:
             return embeds
+        if image_index is not None:
+            pixel_values, image_grid_thw, image_index = distinct_images(pixel_values, image_grid_thw, image_index)
         feats = self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
+        if image_index is not None:
+            feats = [feats[i] for i in image_index.tolist()]
         feats = torch.cat(feats, dim=0).to(embeds.device, embeds.dtype)
         slots = input_ids == self.config.image_token_id
         if int(slots.sum()) != feats.shape[0]:
@@ -211,10 +220,12 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         attention_mask: torch.Tensor,
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.LongTensor | None = None,
+        image_index: torch.LongTensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.LongTensor]:
-        """Language-model inputs with the queries appended: embeds (B, L+Q, H), mask (B, L+Q), positions (3, B, L+Q)."""
+        """Language-model inputs with the queries appended: embeds (B, L+Q, H), mask (B, L+Q), positions (3, B, L+Q).
+        `image_index` (B,): rows with equal entries show the same image (encoded once by the vision tower)."""
         b, q = input_ids.shape[0], self.config.num_of_query
-        embeds = self.embed_multimodal(input_ids, pixel_values, image_grid_thw)
+        embeds = self.embed_multimodal(input_ids, pixel_values, image_grid_thw, image_index)
         queries = self.learnable_query.to(embeds.dtype).expand(b, -1, -1)
         full_mask = torch.cat([attention_mask, attention_mask.new_ones(b, q)], dim=1)
         positions = self.query_position_ids(input_ids, attention_mask, image_grid_thw)
@@ -269,17 +280,20 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         logits_to_keep: int = 0,
         return_logits: bool = True,
         per_sample_decoding: bool = False,
+        share_vision: bool = True,
     ) -> LensOutput:
         """One pass over tokens + appended queries -> token logits, query states and masks.
 
         input_ids/attention_mask: (B, L), left or right padded. sam_images: (N, 3, S, S) 0..255 or
         precomputed `sam_features` of N images; `sam_image_index` (B,) says which image each row shows
-        (default: row b shows image b). logits_to_keep > 0 keeps logits of the last k token positions.
+        (default: row b shows image b); with `share_vision`, the vision tower also encodes each distinct image
+        once. logits_to_keep > 0 keeps logits of the last k token positions.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         q = self.config.num_of_query
-        embeds, full_mask, position_ids = self.query_inputs(input_ids, attention_mask, pixel_values, image_grid_thw)
+        shared = sam_image_index if share_vision else None
+        embeds, full_mask, position_ids = self.query_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, shared)
         hidden = self.model.language_model(
             inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (B, L + Q, H), after the final norm
@@ -297,6 +311,28 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         return LensOutput(
             logits=logits, mask_logits=mask_logits, iou_scores=iou, sam_prompt=sam_prompt, query_states=query_states
         )
+
+
+def distinct_images(
+    pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, image_index: torch.LongTensor
+) -> tuple[torch.Tensor, torch.LongTensor, torch.LongTensor]:
+    """Keep the patches of the first row of each distinct `image_index` value.
+
+    pixel_values: (sum_b patches_b, D) rows' patches in order; image_grid_thw: (B, 3); image_index: (B,).
+    Returns the distinct images' patches and grids, and each row's position among them (B,).
+    """
+    _, first, inverse = _first_occurrence(image_index)
+    offsets = torch.cat([image_grid_thw.new_zeros(1), image_grid_thw.prod(-1).cumsum(0)])
+    keep = torch.cat([torch.arange(int(offsets[r]), int(offsets[r + 1]), device=pixel_values.device) for r in first.tolist()])
+    return pixel_values[keep], image_grid_thw[first], inverse
+
+
+def _first_occurrence(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(distinct values, first row of each, each row's position among the distinct values)."""
+    values, inverse = torch.unique(index, return_inverse=True)
+    rows = torch.arange(index.numel(), device=index.device)
+    first = torch.full_like(values, index.numel()).scatter_reduce(0, inverse, rows, reduce="amin")
+    return values, first, inverse
 
 
 def _register_auto_classes() -> None:

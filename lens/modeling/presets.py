@@ -56,9 +56,12 @@ def build_preset(name: str, seed: int = 0, dtype: torch.dtype | None = None, **o
     processor = build_tiny_processor(**processor_kwargs)
     config = config_for_tokenizer(raw, processor.tokenizer)
     torch.manual_seed(seed)
-    model = LensForConditionalGeneration(config)
-    if dtype is not None:
-        model = model.to(dtype)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype or torch.float32)  # allocate in the target dtype: no fp32 copy of a 3B model
+    try:
+        model = LensForConditionalGeneration(config)
+    finally:
+        torch.set_default_dtype(previous)
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.generation_config.bos_token_id = config.text_config.bos_token_id

@@ -170,7 +170,7 @@ class LensGRPOTrainer(GRPOTrainer):
                     torch.cat([enc["input_ids"], comp_ids], 1), torch.cat([enc["attention_mask"], comp_mask], 1),
                     enc["pixel_values"], enc["image_grid_thw"], sam_features=self._sam,
                     sam_image_index=self._row_image[s : s + step], return_logits=False,
-                    per_sample_decoding=self.flow == "reference",
+                    per_sample_decoding=self.flow == "reference", share_vision=self.flow == "fast",
                 )
             targets = [torch.from_numpy(r["mask"] == 1).to(device) for r in rows]
             ious.append(mask_iou_from_logits(out.mask_logits, targets))
@@ -190,7 +190,10 @@ class LensGRPOTrainer(GRPOTrainer):
                                               pixel_values, image_grid_thw)
         policy = lens_module(model)
         q = policy.config.num_of_query
-        embeds, full_mask, positions = policy.query_inputs(input_ids, attention_mask, pixel_values, image_grid_thw)
+        rows_image = self._seg_inputs["sam_image_index"] if self._seg_inputs is not None else None
+        embeds, full_mask, positions = policy.query_inputs(
+            input_ids, attention_mask, pixel_values, image_grid_thw, rows_image  # ViT once per distinct image
+        )
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         labels[:, :-logits_to_keep] = -100
         labels = torch.cat([labels, labels.new_full((labels.shape[0], q), -100)], dim=1)  # queries score nothing
@@ -220,7 +223,7 @@ class LensGRPOTrainer(GRPOTrainer):
                 out = policy.forward_with_queries(
                     input_ids, attention_mask, pixel_values, image_grid_thw, sam_features=self._sam,
                     sam_image_index=self._seg_inputs["sam_image_index"], return_logits=False,
-                    per_sample_decoding=True,
+                    per_sample_decoding=True, share_vision=False,
                 )
             self._mask_logits = out.mask_logits
         q = policy.config.num_of_query

@@ -202,6 +202,7 @@ def run(recipe: dict[str, Any], resume: bool = False) -> Path:
     final = out / "final"
     trainer.save_model(str(final))
     trainer.processing_class.save_pretrained(final)
+    trainer.state.save_to_json(str(final / "trainer_state.json"))  # full log history incl. the run summary
     (final / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     return final
 
