@@ -185,14 +185,32 @@ class LensGRPOTrainer(GRPOTrainer):
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                 pixel_values=pixel_values, image_grid_thw=image_grid_thw, **kwargs,
             )
-        if self.flow == "reference":
-            return self._reference_flow_logps(model, input_ids, attention_mask, logits_to_keep, compute_entropy,
-                                              pixel_values, image_grid_thw)
         policy = lens_module(model)
+        rows_image = None if self._seg_inputs is None else self._seg_inputs["sam_image_index"]
+        if self.flow == "reference" and rows_image is not None:  # masks from a forward of their own
+            with self.accelerator.autocast():
+                self._mask_logits = policy.forward_with_queries(
+                    input_ids, attention_mask, pixel_values, image_grid_thw, sam_features=self._sam,
+                    sam_image_index=rows_image, return_logits=False, per_sample_decoding=True, share_vision=False,
+                ).mask_logits
+        fast = self.flow == "fast"
+        logps, entropy, query_states = self._query_logps(
+            model, policy, input_ids, attention_mask, logits_to_keep, pixel_values, image_grid_thw,
+            rows_image if fast else None,  # fast: the vision tower encodes each distinct image once
+        )
+        if fast and rows_image is not None:  # fast: the same pass gives the masks
+            self._mask_logits, _, _ = policy.masks_from_queries(query_states, self._sam, rows_image)
+        return logps, entropy if compute_entropy else None, None
+
+    def _query_logps(self, model, policy, input_ids, attention_mask, logits_to_keep, pixel_values, image_grid_thw,
+                     image_index):
+        """One pass over tokens + appended queries through TRL's fused LM head (no (B, L, V) logits).
+
+        Returns completion log-probs and entropies (B, logits_to_keep) and the query states (B, Q, H), captured
+        by a hook on the final norm (the pass runs inside the DDP/DeepSpeed-wrapped `model`)."""
         q = policy.config.num_of_query
-        rows_image = self._seg_inputs["sam_image_index"] if self._seg_inputs is not None else None
         embeds, full_mask, positions = policy.query_inputs(
-            input_ids, attention_mask, pixel_values, image_grid_thw, rows_image  # ViT once per distinct image
+            input_ids, attention_mask, pixel_values, image_grid_thw, image_index
         )
         labels = input_ids.masked_fill(attention_mask == 0, -100)
         labels[:, :-logits_to_keep] = -100
@@ -205,37 +223,8 @@ class LensGRPOTrainer(GRPOTrainer):
                             labels=labels, fused_lm_head=True)
         finally:
             hook.remove()
-        if self._seg_inputs is not None:
-            self._mask_logits, _, _ = policy.masks_from_queries(
-                captured["h"][:, -q:], self._sam, self._seg_inputs["sam_image_index"]
-            )
         window = slice(-(logits_to_keep + q), -q)  # log_probs[:, j] scores token j + 1
-        entropy = out.entropy[:, window] if compute_entropy else None
-        return out.log_probs[:, window], entropy, None
-
-    def _reference_flow_logps(self, model, input_ids, attention_mask, logits_to_keep, compute_entropy,
-                              pixel_values, image_grid_thw):
-        """Original flow: a query forward for the masks (per-sample decoding), then a second forward for the
-        token log-probs."""
-        policy = lens_module(model)
-        if self._seg_inputs is not None:
-            with self.accelerator.autocast():
-                out = policy.forward_with_queries(
-                    input_ids, attention_mask, pixel_values, image_grid_thw, sam_features=self._sam,
-                    sam_image_index=self._seg_inputs["sam_image_index"], return_logits=False,
-                    per_sample_decoding=True, share_vision=False,
-                )
-            self._mask_logits = out.mask_logits
-        q = policy.config.num_of_query
-        embeds, full_mask, positions = policy.query_inputs(input_ids, attention_mask, pixel_values, image_grid_thw)
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        labels[:, :-logits_to_keep] = -100
-        labels = torch.cat([labels, labels.new_full((labels.shape[0], q), -100)], dim=1)
-        with self.accelerator.autocast():
-            out = model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions, labels=labels,
-                        fused_lm_head=True)
-        window = slice(-(logits_to_keep + q), -q)
-        return out.log_probs[:, window], out.entropy[:, window] if compute_entropy else None, None
+        return out.log_probs[:, window], out.entropy[:, window], captured["h"][:, -q:]
 
     def _compute_loss(self, model, inputs):
         self._seg_inputs = inputs
