@@ -89,11 +89,22 @@ class Segmenter:
         self.max_pixels = ip.size.get("longest_edge", 1_000_000)
 
     @classmethod
-    def from_pretrained(cls, path_or_preset: str, device: str | None = None, dtype: torch.dtype | None = None, **kw):
-        """Build from a checkpoint folder (ours or released) or a preset name (random weights)."""
+    def from_pretrained(
+        cls,
+        path_or_preset: str,
+        device: str | None = None,
+        dtype: torch.dtype | None = None,
+        model_kwargs: dict | None = None,
+        **kw,
+    ):
+        """Build from a checkpoint folder (ours or released), a hub id, or a preset name (random weights).
+
+        `model_kwargs` go to `from_pretrained` (e.g. `{"attn_implementation": "flash_attention_2"}`); other
+        keyword arguments (`max_new_tokens`, `template`, ...) configure the Segmenter.
+        """
         from .modeling.loading_api import load_model_and_processor
 
-        model, processor = load_model_and_processor(path_or_preset, device=device, dtype=dtype)
+        model, processor = load_model_and_processor(path_or_preset, device=device, dtype=dtype, **(model_kwargs or {}))
         return cls(model, processor, **kw)
 
     # ------------------------------------------------------------------ batch

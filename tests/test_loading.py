@@ -165,3 +165,24 @@ def test_stock_class_still_loads_our_language_model(tiny, tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(cfg))
     stock = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path)
     torch.testing.assert_close(stock.lm_head.weight, model.lm_head.weight)
+
+
+def test_hub_ids_are_downloaded_and_cached(tiny, tmp_path, monkeypatch):
+    """`org/name` that is not a local folder goes through huggingface_hub.snapshot_download."""
+    import huggingface_hub
+
+    model, processor = tiny
+    model.save_pretrained(tmp_path / "snap")
+    processor.save_pretrained(tmp_path / "snap")
+    asked = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda repo_id: asked.append(repo_id) or str(tmp_path / "snap"))
+    loaded, _ = load_model_and_processor("OuyBin/LENS-test")
+    assert asked == ["OuyBin/LENS-test"]
+    assert_same_weights(model, loaded)
+
+    def offline(repo_id):
+        raise OSError("no network")
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", offline)
+    with pytest.raises(FileNotFoundError, match="neither a local folder nor a downloadable hub repository"):
+        load_model_and_processor("OuyBin/LENS-missing")

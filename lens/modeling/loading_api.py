@@ -9,6 +9,21 @@ import torch
 from .presets import PRESETS, build_preset
 
 
+def resolve_checkpoint(name_or_path: str | Path) -> Path:
+    """A local folder as is; an `org/name` that is not a local folder is downloaded from the hub (cached)."""
+    path = Path(name_or_path)
+    if path.exists() or str(name_or_path).count("/") != 1 or str(name_or_path).startswith((".", "/")):
+        return path
+    from huggingface_hub import snapshot_download
+
+    try:
+        return Path(snapshot_download(repo_id=str(name_or_path)))
+    except Exception as err:  # offline, unknown repo, no access: say what was tried
+        raise FileNotFoundError(
+            f"{name_or_path!r} is neither a local folder nor a downloadable hub repository ({type(err).__name__}: {err})"
+        ) from err
+
+
 def load_model_and_processor(
     name_or_path: str | Path,
     device: str | torch.device | None = None,
@@ -26,7 +41,7 @@ def load_model_and_processor(
     if str(name_or_path) in PRESETS:
         model, processor = build_preset(str(name_or_path), dtype=dtype)
     else:
-        path = Path(name_or_path)
+        path = resolve_checkpoint(name_or_path)
         model = LensForConditionalGeneration.from_pretrained(path, dtype=dtype or "auto", **model_kwargs)
         if not (path / "tokenizer_config.json").is_file():
             raise FileNotFoundError(
