@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Evaluate a LENS model; all arguments go to `python -m lens.evaluation` (see --help, docs/evaluation.md).
 #   bash eval.sh --config configs/eval/paper.yaml --model weights/LENS
+#   bash eval.sh          # no arguments: tiny preset on synthetic data (generated into data/synthetic if missing)
 # With CUDA GPUs it runs one process per GPU under torchrun (GPUS=N picks how many, default: all
 # visible ones; GPUS=0 forces one CPU process); without GPUs it runs plain python.
 set -euo pipefail
@@ -8,6 +9,11 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 PY=python
 if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+if [ $# -eq 0 ]; then  # no arguments: the CPU smoke run, tiny preset on synthetic data in every format
+  [ -f "$ROOT/data/synthetic/synthetic_meta.json" ] || "$PY" "$ROOT/tools/make_synthetic_data.py" --out "$ROOT/data/synthetic" --seed 0
+  cd "$ROOT"
+  set -- --config configs/eval/synthetic.yaml
+fi
 NGPU="$("$PY" -c 'import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)')"
 GPUS="${GPUS:-$NGPU}"
 if [ "$GPUS" -gt 0 ]; then
