@@ -75,6 +75,14 @@ def test_resume_without_checkpoint_is_a_clear_error(synthetic_root, tiny_checkpo
         run(recipe, resume=True)
 
 
+def test_overrides_parse_yaml_values_and_scientific_floats():
+    recipe = load_recipe(RECIPES / "stage1.yaml", ["train.learning_rate=1e-5", "train.max_steps=3", "model.dtype=bfloat16",
+                                                   "data.train=[refcoco:train, custom:x.jsonl]", "trainable.llm=true"])
+    assert recipe["train"]["learning_rate"] == 1e-5 and isinstance(recipe["train"]["learning_rate"], float)
+    assert recipe["train"]["max_steps"] == 3 and recipe["model"]["dtype"] == "bfloat16"
+    assert recipe["data"]["train"] == ["refcoco:train", "custom:x.jsonl"] and recipe["trainable"]["llm"] is True
+
+
 def test_bad_recipes_name_the_problem(tmp_path):
     with pytest.raises(FileNotFoundError, match="nope.yaml not found"):
         load_recipe(tmp_path / "nope.yaml")

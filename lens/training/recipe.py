@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import re
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +27,20 @@ DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch
 
 
 # ---------------------------------------------------------------------- recipe files
+_FLOAT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)")
+
+
+def parse_value(text: str) -> Any:
+    """YAML value, except that `1e-5` is a float (PyYAML's YAML 1.1 reads it as a string)."""
+    value = yaml.safe_load(text)
+    return float(value) if isinstance(value, str) and _FLOAT.fullmatch(value.strip()) else value
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise ValueError(f"override {text!r} must look like section.key=value (e.g. train.learning_rate=1e-5)")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
+    return key.strip().split("."), parse_value(value)
 
 
 def load_recipe(path: str | Path, overrides: list[str] = ()) -> dict[str, Any]:
