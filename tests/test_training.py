@@ -44,8 +44,9 @@ def test_stage_defaults_match_the_paper(tiny_checkpoint):
 
 
 def test_stage1_changes_only_the_context_module(synthetic_root, tiny_checkpoint, tmp_path):
+    # the paper's stage-1 groups (the tiny recipe also trains its LM and SAM2 decoder; see its header)
     recipe = tiny_recipe("stage1", synthetic_root, tiny_checkpoint, tmp_path / "s1", "train.max_steps=2",
-                         "trainable.sam_mask_decoder=false", "trainable.sam_prompt_encoder=false")
+                         "trainable.sam_mask_decoder=false", "trainable.sam_prompt_encoder=false", "trainable.llm=false")
     final = run(recipe)
     before, after = weights(tiny_checkpoint), weights(final)
     assert set(before) == set(after)
