@@ -30,7 +30,6 @@ def tiny():
 
 def outputs(model, processor):
     batch, sam, index = make_batch(processor)
-    batch.pop("mm_token_type_ids")
     with torch.no_grad():
         return model.eval()(**batch, sam_images=sam, sam_image_index=index)
 

@@ -36,13 +36,12 @@ def make_batch(processor, n_rows: int = 3, n_images: int = 2, seed: int = 0):
     mask = torch.cat([inputs["attention_mask"], comp["attention_mask"]], 1)
     sam = torch.from_numpy(rng.integers(0, 255, (n_images, 3, 256, 256), dtype=np.uint8))
     return dict(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"],
-                image_grid_thw=inputs["image_grid_thw"], mm_token_type_ids=None), sam, torch.tensor(rows)
+                image_grid_thw=inputs["image_grid_thw"]), sam, torch.tensor(rows)
 
 
 def test_query_forward_shapes(tiny):
     model, processor = tiny
     batch, sam, index = make_batch(processor)
-    batch.pop("mm_token_type_ids")
     with torch.no_grad():
         out = model(**batch, sam_images=sam, sam_image_index=index)
     b, length = batch["input_ids"].shape
@@ -73,7 +72,6 @@ def test_upstream_positions_are_mask_cumsum(tiny):
 def test_appended_queries_leave_text_logits_unchanged(tiny, mode):
     model, processor = tiny
     batch, sam, index = make_batch(processor)
-    batch.pop("mm_token_type_ids")
     model.config.query_position_mode = mode
     try:
         with torch.no_grad():
@@ -112,7 +110,6 @@ def test_mrope_and_upstream_positions_differ_on_image_tokens(tiny):
 def test_shared_sam_features_equal_per_row_encoding(tiny):
     model, processor = tiny
     batch, sam, index = make_batch(processor, n_rows=3, n_images=2)
-    batch.pop("mm_token_type_ids")
     with torch.no_grad():
         shared = model(**batch, sam_images=sam, sam_image_index=index)
         per_row = model(**batch, sam_images=sam[index])  # each row encodes its own copy
@@ -125,7 +122,6 @@ def test_shared_sam_features_equal_per_row_encoding(tiny):
 def test_batched_decoding_equals_one_row_at_a_time(tiny):
     model, processor = tiny
     batch, sam, index = make_batch(processor)
-    batch.pop("mm_token_type_ids")
     with torch.no_grad():
         full = model(**batch, sam_images=sam, sam_image_index=index)
         for b in range(3):
@@ -143,7 +139,6 @@ def test_batched_decoding_equals_one_row_at_a_time(tiny):
 def test_gradients_reach_every_trainable_part(tiny):
     model, processor = tiny
     batch, sam, index = make_batch(processor)
-    batch.pop("mm_token_type_ids")
     model.train()
     model.zero_grad()
     out = model(**batch, sam_images=sam, sam_image_index=index)
@@ -199,7 +194,6 @@ def test_bad_config_and_inputs(tiny):
     with pytest.raises(ValueError, match="unknown model preset"):
         build_preset("qwen7b")
     batch, sam, index = make_batch(processor)
-    batch.pop("mm_token_type_ids")
     with pytest.raises(ValueError, match=r"sam_images must be \(N, 3, 256, 256\)"):
         model(**batch, sam_images=sam[:, :, :100, :100], sam_image_index=index)
     with pytest.raises(ValueError, match="sam_image_index"):
@@ -210,7 +204,6 @@ def test_vision_tower_once_per_distinct_image_equals_per_row(tiny):
     """Rows sharing an image: one ViT encoding, same outputs and same gradients as encoding every row."""
     model, processor = tiny
     batch, sam, index = make_batch(processor, n_rows=3, n_images=2)  # rows 0 and 2 show image 0
-    batch.pop("mm_token_type_ids")
     calls = []
     hook = model.model.visual.register_forward_hook(lambda m, i, o: calls.append(i[0].shape[0]))
     results = {}

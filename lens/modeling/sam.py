@@ -170,15 +170,6 @@ def decode_masks_per_sample(
     return torch.cat([m for m, _ in outs]), torch.cat([i for _, i in outs])
 
 
-def decode_with_boxes(
-    sam: nn.Module, features: SamFeatures, boxes: torch.Tensor, index: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """SAM2's own box-prompted decoding; boxes (B, 4) xyxy in SAM-input pixels. Used to pretrain the tiny
-    preset's SAM2 (a stand-in for Meta's pretrained weights), never by LENS itself."""
-    sparse, _ = sam.sam_prompt_encoder(points=None, boxes=boxes.float(), masks=None)  # (B, 2, C)
-    return decode_masks(sam, features, sparse, index)
-
-
 def upsample_masks(low_res: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """(B, 1, h, w) logits -> (B, H, W) logits at `size` (bilinear, align_corners=False, as upstream)."""
     return F.interpolate(low_res.float(), size=size, mode="bilinear", align_corners=False)[:, 0]

@@ -82,8 +82,6 @@ class SupervisedCollator:
         positions = torch.arange(enc["input_ids"].shape[1])
         labels = enc["input_ids"].masked_fill(positions[None, :] < enc["input_ids"].shape[1] - n_answer[:, None], -100)
         sam_images, index, keys = unique_images(items)
-        size = sam_images.shape[-1]
-        scale = torch.tensor([[size / it["orig_hw"][1], size / it["orig_hw"][0]] * 2 for it in items])
         return {
             "input_ids": enc["input_ids"],
             "attention_mask": enc["attention_mask"],
@@ -95,7 +93,6 @@ class SupervisedCollator:
             "sam_image_index": index,
             "image_keys": keys,
             "target_masks": [torch.from_numpy(it["mask"] == 1) for it in items],
-            "sam_boxes": torch.tensor([list(it["box"]) for it in items], dtype=torch.float32) * scale,
         }
 
 

@@ -9,9 +9,9 @@ import torch
 from transformers import Trainer
 
 from lens.losses import segmentation_loss
-from lens.modeling.sam import SamFeatures, decode_with_boxes
+from lens.modeling.sam import SamFeatures
 
-OBJECTIVE_PARTS = ("lm", "seg", "sam")  # next-token loss, LENS query masks, SAM2 box-prompted masks
+OBJECTIVE_PARTS = ("lm", "seg")  # next-token loss on the answer, BCE + dice of the query-forward masks
 
 
 class SamFeatureCache:
@@ -41,10 +41,9 @@ class SamFeatureCache:
 
 
 class SupervisedLensTrainer(Trainer):
-    """`Trainer` whose loss is a sum of parts named in `objective` ("seg", "lm+sam", ...): `seg` = BCE + dice
-    of the masks of the query forward (stage 1), `lm` = next-token loss on the answer, `sam` = BCE + dice of
-    SAM2's own box-prompted masks (the tiny warm-up's stand-in for SAM2 pretraining). Frozen SAM2 image
-    features can be cached across steps."""
+    """`Trainer` whose loss is a sum of parts named in `objective` ("seg", "lm" or "lm+seg"): `seg` = BCE + dice
+    of the masks of the query forward (stage 1), `lm` = next-token loss on the answer (the tiny warm-up).
+    Frozen SAM2 image features can be cached across steps."""
 
     def __init__(
         self,
@@ -76,7 +75,6 @@ class SupervisedLensTrainer(Trainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         unwrapped = self.accelerator.unwrap_model(model)
         total = 0.0
-        features = self.sam_features(unwrapped, inputs) if {"seg", "sam"} & set(self.objective) else None
         if "lm" in self.objective:
             out = model(
                 input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
@@ -89,7 +87,7 @@ class SupervisedLensTrainer(Trainer):
             out = model(
                 input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
                 pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
-                sam_features=features, sam_image_index=inputs["sam_image_index"],
+                sam_features=self.sam_features(unwrapped, inputs), sam_image_index=inputs["sam_image_index"],
                 logits_to_keep=1,
             )
             targets = [t.to(out.mask_logits.device) for t in inputs["target_masks"]]
@@ -98,12 +96,6 @@ class SupervisedLensTrainer(Trainer):
             self._record("seg", seg)
             for k, v in parts.items():
                 self._record(k, v)
-        if "sam" in self.objective:
-            logits, _ = decode_with_boxes(unwrapped.sam, features, inputs["sam_boxes"], inputs["sam_image_index"])
-            targets = [t.to(logits.device) for t in inputs["target_masks"]]
-            sam_loss, _ = segmentation_loss(logits, targets, self.weights["bce"], self.weights["dice"])
-            total = total + sam_loss
-            self._record("sam", sam_loss)
         return (total, None) if return_outputs else total
 
     def _record(self, name: str, value: torch.Tensor) -> None:
