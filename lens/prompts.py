@@ -15,6 +15,7 @@ __all__ = [
     "format_question",
     "build_messages",
     "grounding_answer",
+    "phrase_answer",
     "json_answer",
 ]
 
@@ -76,6 +77,11 @@ def grounding_answer(sentence: str, box_llm: Sequence[float]) -> str:
         f"<|object_ref_start|>{sentence}.<|object_ref_end|>"
         f"<|box_start|>({x1},{y1}),({x2},{y2})<|box_end|>"
     )
+
+
+def phrase_answer(sentence: str) -> str:
+    """The referring phrase in Qwen's object-ref tokens, no box (the tiny preset's LM cannot ground in text)."""
+    return f"<|object_ref_start|>{sentence}.<|object_ref_end|>"
 
 
 def json_answer(box: Sequence[float]) -> str:

@@ -4,13 +4,14 @@ import json
 
 import pytest
 
-from lens.geometry import parse_box
+from lens.geometry import parse_answer_box, parse_box
 from lens.prompts import (
     QUESTION_TEMPLATES,
     SYSTEM_PROMPT,
     build_messages,
     format_question,
     grounding_answer,
+    phrase_answer,
     json_answer,
 )
 
@@ -71,6 +72,12 @@ def test_grounding_answer_exact_and_rounded():
     )
     assert "(10,20),(31,40)" in grounding_answer("x", [10.2, 19.6, 30.5001, 40.0])
     assert parse_box(grounding_answer("x", [1, 2, 3, 4])) == [1.0, 2.0, 3.0, 4.0]
+
+
+def test_phrase_answer_is_the_grounding_answer_without_its_box():
+    assert phrase_answer("red cup") == "<|object_ref_start|>red cup.<|object_ref_end|>"
+    assert grounding_answer("red cup", [1, 2, 3, 4]).startswith(phrase_answer("red cup"))
+    assert parse_answer_box(phrase_answer("the red cup on the left")) is None  # no box: box reward 0
 
 
 def test_json_answer():

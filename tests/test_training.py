@@ -99,6 +99,27 @@ def test_bad_recipes_name_the_problem(tmp_path):
         load_source("refcocox:train", tmp_path)
 
 
+def test_lr_multipliers_scale_each_group_through_the_schedule(synthetic_root, tiny_checkpoint, tmp_path):
+    recipe = tiny_recipe("stage1", synthetic_root, tiny_checkpoint, tmp_path / "lr", "train.max_steps=2",
+                         "train.learning_rate=1e-4", "train.warmup_steps=0", "train.lr_scheduler_type=constant",
+                         "trainable.llm=false", "trainable.sam_prompt_encoder=false", "lr_multipliers.sam_mask_decoder=5",
+                         "lr_multipliers.context=0.5")
+    trainer = build_trainer(recipe)
+    trainer.create_optimizer_and_scheduler(num_training_steps=2)
+    names = {id(p): n for n, p in trainer.model.named_parameters()}
+    lrs = {group_of(names[id(p)]): g["lr"] for g in trainer.optimizer.param_groups for p in g["params"]}
+    assert lrs == pytest.approx({"context": 5e-5, "sam_mask_decoder": 5e-4})
+    assert sorted(trainer.lr_scheduler.get_last_lr()) == pytest.approx(sorted(g["lr"] for g in trainer.optimizer.param_groups))
+    n_trainable = sum(p.requires_grad for p in trainer.model.parameters())
+    assert sum(len(g["params"]) for g in trainer.optimizer.param_groups) == n_trainable
+
+
+def test_lr_multipliers_reject_unknown_groups(synthetic_root, tiny_checkpoint, tmp_path):
+    recipe = tiny_recipe("stage1", synthetic_root, tiny_checkpoint, tmp_path / "lr", "lr_multipliers.decoder=5")
+    with pytest.raises(ValueError, match="lr_multipliers: unknown groups"):
+        build_trainer(recipe).create_optimizer()
+
+
 # ---------------------------------------------------------------------- GRPO
 @pytest.fixture()
 def grpo(synthetic_root, tiny_checkpoint, tmp_path):

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data = OUT / "data"
     if not (data / "synthetic_meta.json").is_file():
-        generate_synthetic(data, seed=0, n_train=256, n_val=32, n_test=32)
+        generate_synthetic(data, seed=0, n_train=2000, n_val=32, n_test=32)
     held_out = load_refer(data, "refcoco", "val") + load_refer(data, "refcoco", "testA") + load_refer(data, "refcoco", "testB")
     swaps = load_swaps(data)
 
@@ -102,8 +102,11 @@ def main(argv: list[str] | None = None) -> int:
             k = max(1, len(rewards) // 4)
             metrics.update(reward_mean=sum(rewards) / len(rewards), reward_first=sum(rewards[:k]) / k,
                            reward_last=sum(rewards[-k:]) / k)
-        step_times = logged(stage, "train_runtime")
-        metrics["train_runtime_s"] = step_times[-1] if step_times else None
+        runtime, steps = logged(stage, "train_runtime"), logged(stage, "step")
+        metrics["train_runtime_s"] = runtime[-1] if runtime else None
+        metrics["train_steps"] = int(steps[-1]) if steps else None
+        if runtime and steps:
+            metrics["seconds_per_step"] = runtime[-1] / steps[-1]
         results["stages"][stage] = metrics
         print(f"[quickstart] {stage}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
 

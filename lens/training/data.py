@@ -12,7 +12,7 @@ from lens.data.custom import load_custom
 from lens.data.dataset import GroundingDataset
 from lens.data.reasonseg import load_reasonseg
 from lens.data.refer import load_refer
-from lens.prompts import build_messages, grounding_answer, json_answer
+from lens.prompts import build_messages, grounding_answer, json_answer, phrase_answer
 
 REFER_DATASETS = ("refcoco", "refcoco+", "refcocog")
 
@@ -40,12 +40,15 @@ def load_sources(names: Sequence[str], data_root: str | Path) -> list[Reference]
 
 
 def target_answer(item: dict[str, Any], style: str) -> str:
-    """Teacher-forced answer: `grounding` (Qwen special tokens, upstream stage 1) or `json` (bbox_2d)."""
+    """Teacher-forced answer: `grounding` (Qwen special tokens, upstream stage 1), `json` (bbox_2d) or `phrase`
+    (the grounding answer without its box: for an LM that cannot yet ground in text, e.g. the tiny preset)."""
     if style == "grounding":
         return grounding_answer(item["expression"], item["box_llm"])
+    if style == "phrase":
+        return phrase_answer(item["expression"])
     if style == "json":
         return json_answer(item["box_llm"])
-    raise ValueError(f"answer style {style!r}; expected 'grounding' or 'json'")
+    raise ValueError(f"answer style {style!r}; expected 'grounding', 'json' or 'phrase'")
 
 
 def unique_images(items: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:

@@ -27,6 +27,7 @@ from lens.losses import mask_iou_from_logits, segmentation_loss
 from lens.modeling.loading import LEGACY_KEY_MAPPING
 from lens.modeling.sam import SamFeatures
 from lens.training.data import unique_images
+from lens.training.trainable import GroupLRMixin
 
 MASK_REWARDS = ("mask_iou", "mask_iou_linear")
 
@@ -71,7 +72,7 @@ def build_reference_model(policy, init_path: str | Path | None = None) -> Qwen2_
 FLOWS = ("fast", "reference")
 
 
-class LensGRPOTrainer(GRPOTrainer):
+class LensGRPOTrainer(GroupLRMixin, GRPOTrainer):
     """GRPO for LENS. Dataset rows: `prompt`, `image`, `box_llm`, `mask`, `sam_image`, `image_id`.
 
     `flow="reference"` reproduces the original's data flow for benchmarking (same numbers, more work): SAM2
@@ -87,6 +88,7 @@ class LensGRPOTrainer(GRPOTrainer):
         dice_weight: float = 1.0,
         reference_init: str | Path | None = None,
         flow: str = "fast",
+        lr_multipliers: dict[str, float] | None = None,
         **kwargs,
     ) -> None:
         if flow not in FLOWS:
@@ -106,6 +108,7 @@ class LensGRPOTrainer(GRPOTrainer):
         self.beta = beta
         self.seg_weight, self.bce_weight, self.dice_weight = seg_weight, bce_weight, dice_weight
         self.flow = flow
+        self.lr_multipliers = dict(lr_multipliers or {})
         self.needs_mask_iou = any(name in MASK_REWARDS for name in self.reward_func_names)
         self._sam: SamFeatures | None = None
         self._seg_inputs: dict | None = None

@@ -187,7 +187,7 @@ def build_trainer(recipe: dict[str, Any]):
             train_dataset=grpo_dataset(dataset), processing_class=processor, peft_config=lora_config(recipe.get("lora")),
             seg_weight=loss.get("seg_weight", 1.0), bce_weight=loss.get("bce_weight", 1.0),
             dice_weight=loss.get("dice_weight", 1.0), reference_init=None if str(init).startswith("preset:") else init,
-            flow=recipe.get("flow", "fast"),
+            flow=recipe.get("flow", "fast"), lr_multipliers=recipe.get("lr_multipliers"),
         )
     else:
         from lens.training.supervised import SupervisedLensTrainer
@@ -199,6 +199,7 @@ def build_trainer(recipe: dict[str, Any]):
             bce_weight=loss.get("bce_weight", 1.0), dice_weight=loss.get("dice_weight", 1.0),
             lm_weight=loss.get("lm_weight", 1.0), seg_weight=loss.get("seg_weight", 1.0),
             cache_sam_features=bool(recipe.get("cache_sam_features", False)),
+            lr_multipliers=recipe.get("lr_multipliers"),
         )
     trainer.add_callback(EpochCallback(dataset))
     return trainer

@@ -10,6 +10,7 @@ from transformers import Trainer
 
 from lens.losses import segmentation_loss
 from lens.modeling.sam import SamFeatures
+from lens.training.trainable import GroupLRMixin
 
 OBJECTIVE_PARTS = ("lm", "seg")  # next-token loss on the answer, BCE + dice of the query-forward masks
 
@@ -40,7 +41,7 @@ class SamFeatureCache:
         return SamFeatures.cat([self.store[k] for k in keys]).to(device)
 
 
-class SupervisedLensTrainer(Trainer):
+class SupervisedLensTrainer(GroupLRMixin, Trainer):
     """`Trainer` whose loss is a sum of parts named in `objective` ("seg", "lm" or "lm+seg"): `seg` = BCE + dice
     of the masks of the query forward (stage 1), `lm` = next-token loss on the answer (the tiny warm-up).
     Frozen SAM2 image features can be cached across steps."""
@@ -54,6 +55,7 @@ class SupervisedLensTrainer(Trainer):
         lm_weight: float = 1.0,
         seg_weight: float = 1.0,
         cache_sam_features: bool = False,
+        lr_multipliers: dict[str, float] | None = None,
         **kwargs,
     ) -> None:
         parts = objective.split("+")
@@ -61,6 +63,7 @@ class SupervisedLensTrainer(Trainer):
             raise ValueError(f"objective={objective!r}; expected parts of {OBJECTIVE_PARTS} joined by '+'")
         super().__init__(*args, **kwargs)
         self.objective = parts
+        self.lr_multipliers = dict(lr_multipliers or {})
         self.weights = {"bce": bce_weight, "dice": dice_weight, "lm": lm_weight, "seg": seg_weight}
         self.sam_cache = SamFeatureCache() if cache_sam_features else None
         self._parts: dict[str, list[float]] = {}

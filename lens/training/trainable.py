@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 GROUPS = ("llm", "vision", "context", "sam_image_encoder", "sam_prompt_encoder", "sam_mask_decoder")
@@ -47,3 +48,40 @@ def set_trainable(model: nn.Module, stage: str, overrides: dict[str, bool] | Non
         if param.requires_grad:
             counts[group] += param.numel()
     return counts
+
+
+def scale_group_lrs(optimizer: torch.optim.Optimizer, model: nn.Module, multipliers: dict[str, float]) -> torch.optim.Optimizer:
+    """Regroup `optimizer` (not yet stepped) in place: each group's lr times `multipliers[group]` (default 1).
+
+    Each existing param group (e.g. decay / no-decay) is split by trainable group; called before the
+    LR scheduler is created, so schedules scale every group alike.
+    """
+    unknown = set(multipliers) - set(GROUPS)
+    if unknown:
+        raise ValueError(f"lr_multipliers: unknown groups {sorted(unknown)}; expected a subset of {GROUPS}")
+    if any(optimizer.state.values()):
+        raise RuntimeError("lr_multipliers must be applied before the first optimizer step")
+    scale = {id(p): float(multipliers.get(group_of(n) or "", 1.0)) for n, p in model.named_parameters()}
+    groups = []
+    for group in optimizer.param_groups:
+        by_scale: dict[float, list[nn.Parameter]] = {}
+        for p in group["params"]:
+            by_scale.setdefault(scale.get(id(p), 1.0), []).append(p)
+        groups += [{**group, "params": ps, "lr": group["lr"] * s} for s, ps in by_scale.items()]
+    optimizer.param_groups.clear()
+    for group in groups:
+        optimizer.add_param_group(group)
+    return optimizer
+
+
+class GroupLRMixin:
+    """Trainer mixin: `lr_multipliers` ({group: factor}) scale the learning rate of trainable groups."""
+
+    lr_multipliers: dict[str, float] = {}
+
+    def create_optimizer(self, model=None):
+        optimizer = super().create_optimizer(model)
+        if self.lr_multipliers:
+            self.optimizer = optimizer = scale_group_lrs(optimizer, self.model if model is None else model,
+                                                         self.lr_multipliers)
+        return optimizer
