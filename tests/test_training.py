@@ -13,7 +13,7 @@ from safetensors.torch import load_file
 
 from lens.losses import segmentation_loss
 from lens.training.recipe import build_trainer, load_recipe, run
-from lens.training.trainable import group_of, set_trainable
+from lens.training.trainable import group_of, scale_group_lrs, set_trainable
 
 RECIPES = Path(__file__).resolve().parents[1] / "configs" / "recipes" / "tiny"
 
@@ -114,10 +114,21 @@ def test_lr_multipliers_scale_each_group_through_the_schedule(synthetic_root, ti
     assert sum(len(g["params"]) for g in trainer.optimizer.param_groups) == n_trainable
 
 
-def test_lr_multipliers_reject_unknown_groups(synthetic_root, tiny_checkpoint, tmp_path):
-    recipe = tiny_recipe("stage1", synthetic_root, tiny_checkpoint, tmp_path / "lr", "lr_multipliers.decoder=5")
+def test_peft_parameter_names_map_to_their_groups():
+    assert group_of("base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.default.weight") == "llm"
+    assert group_of("base_model.model.connector.modules_to_save.default.blocks.0.attn.qkv.weight") == "context"
+    assert group_of("base_model.model.sam.sam_mask_decoder.original_module.iou_token.weight") == "sam_mask_decoder"
+    assert group_of("base_model.model.learnable_query") == "context"
+    assert group_of("sam.obj_ptr_proj.layers.0.weight") is None
+
+
+def test_unknown_groups_are_rejected_when_the_recipe_loads(synthetic_root, tiny_checkpoint, tmp_path):
+    for section in ("lr_multipliers", "trainable"):
+        with pytest.raises(ValueError, match=f"{section}: unknown groups \\['decoder'\\]"):
+            tiny_recipe("stage1", synthetic_root, tiny_checkpoint, tmp_path / "lr", f"{section}.decoder=5")
+    model = torch.nn.Linear(2, 2)  # the optimizer-side check, for callers that bypass recipes
     with pytest.raises(ValueError, match="lr_multipliers: unknown groups"):
-        build_trainer(recipe).create_optimizer()
+        scale_group_lrs(torch.optim.AdamW(model.parameters()), model, {"decoder": 5.0})
 
 
 # ---------------------------------------------------------------------- GRPO

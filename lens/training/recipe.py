@@ -19,7 +19,7 @@ from lens.data.dataset import GroundingDataset
 from lens.modeling import LensForConditionalGeneration, build_preset
 from lens.rewards import get_reward_funcs
 from lens.training.data import SupervisedCollator, grpo_dataset, load_sources
-from lens.training.trainable import set_trainable
+from lens.training.trainable import GROUPS, set_trainable
 
 logger = logging.getLogger(__name__)
 STAGES = ("warmup", "stage1", "stage2")
@@ -83,6 +83,10 @@ def validate(recipe: dict, path: Path) -> None:
         raise ValueError(f"{path}: data.train must list training sources (e.g. refcoco:train)")
     if "output_dir" not in recipe["train"]:
         raise ValueError(f"{path}: train.output_dir is required")
+    for section in ("trainable", "lr_multipliers"):
+        unknown = set(recipe.get(section) or {}) - set(GROUPS)
+        if unknown:
+            raise ValueError(f"{path}: {section}: unknown groups {sorted(unknown)}; expected a subset of {GROUPS}")
 
 
 # ---------------------------------------------------------------------- pieces

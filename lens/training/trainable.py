@@ -17,7 +17,10 @@ STAGE_DEFAULTS: dict[str, dict[str, bool]] = {
 
 
 def group_of(name: str) -> str | None:
-    """Parameter name -> trainable group (None: never trained, e.g. SAM2's unused object-pointer head)."""
+    """Parameter name -> trainable group (None: never trained, e.g. SAM2's unused object-pointer head).
+
+    Names of a PEFT-wrapped model (`base_model.model.` prefix, `modules_to_save` copies) map as the plain ones."""
+    name = name.removeprefix("base_model.model.").replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
     if name.startswith(("learnable_query", "connector.", "conv_1d.", "proj_to_sam.")):
         return "context"
     if name.startswith("model.visual."):
