@@ -6,7 +6,8 @@ cd "$(dirname "${BASH_SOURCE[0]}")/.."
 PY="python"; [ -x .venv/bin/python ] && PY=".venv/bin/python"
 OUT=outputs/quickstart
 if [ ! -f "$OUT/data/synthetic_meta.json" ]; then
-  $PY tools/make_synthetic_data.py --out "$OUT/data" --seed 0 --n-train 256 --n-val 32 --n-test 32
+  # the same data as tools/quickstart.py writes
+  $PY tools/make_synthetic_data.py --out "$OUT/data" --seed 0 --n-train 2000 --n-val 32 --n-test 32
 fi
 case "$1" in
   stage1) [ -f "$OUT/warmup/final/config.json" ] || $PY -m lens.training --recipe configs/recipes/tiny/warmup.yaml ;;

@@ -88,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
 
     data = OUT / "data"
     if not (data / "synthetic_meta.json").is_file():
-        generate_synthetic(data, seed=0, n_train=2000, n_val=32, n_test=32)
+        generate_synthetic(data, seed=0, n_train=2000, n_val=32, n_test=32)  # as scripts/tiny_prereqs.sh
     held_out = load_refer(data, "refcoco", "val") + load_refer(data, "refcoco", "testA") + load_refer(data, "refcoco", "testB")
     swaps = load_swaps(data)
 
