@@ -585,6 +585,15 @@ def log(msg: str) -> None:
     print(f"[benchmark] {msg}", file=sys.stderr, flush=True)
 
 
+def run_rounds(args, part: str, variants: tuple[str, ...], work: Path) -> dict[str, list[dict[str, Any]]]:
+    """`args.rounds` rounds of one worker per variant, interleaved so that machine drift hits all variants alike."""
+    rounds: dict[str, list[dict[str, Any]]] = {v: [] for v in variants}
+    for _ in range(args.rounds):
+        for variant in variants:
+            rounds[variant].append(run_worker(args, f"{part}:{variant}", work))
+    return rounds
+
+
 def run_worker(args, job: str, work: Path) -> dict[str, Any]:
     result = work / f"{job.replace(':', '_')}.json"
     result.unlink(missing_ok=True)
@@ -713,11 +722,8 @@ def main(argv: list[str] | None = None) -> int:
         }
         worker_results: dict[str, list] = {}
         if "grpo" in args.parts:
-            rounds = {flow: [] for flow in GRPO_FLOWS}
-            for _ in range(args.rounds):
-                for flow in GRPO_FLOWS:
-                    rounds[flow].append(run_worker(args, f"grpo:{flow}", work))
-                    worker_results.setdefault("grpo", []).append(rounds[flow][-1])
+            rounds = run_rounds(args, "grpo", GRPO_FLOWS, work)
+            worker_results["grpo"] = [r for variant in rounds.values() for r in variant]
             res = {flow: summarize_grpo(rounds[flow], args) for flow in GRPO_FLOWS}
             summary["grpo"] = {
                 **res, "prompts": args.prompts, "generations": args.generations, "new_tokens": args.new_tokens,
@@ -727,11 +733,8 @@ def main(argv: list[str] | None = None) -> int:
                 "memory_ratio": (memory_figure(res["reference"]["memory"]) or 0) / (memory_figure(res["fast"]["memory"]) or 1),
             }
         if "eval" in args.parts:
-            rounds = {mode: [] for mode in EVAL_MODES}
-            for _ in range(args.rounds):
-                for mode in EVAL_MODES:
-                    rounds[mode].append(run_worker(args, f"eval:{mode}", work))
-                    worker_results.setdefault("eval", []).append(rounds[mode][-1])
+            rounds = run_rounds(args, "eval", EVAL_MODES, work)
+            worker_results["eval"] = [r for variant in rounds.values() for r in variant]
             res = {mode: summarize_eval(rounds[mode]) for mode in EVAL_MODES}
             summary["eval"] = {
                 **res, "rounds": args.rounds,
