@@ -4,6 +4,7 @@ import importlib.util
 import json
 from pathlib import Path
 
+import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
@@ -44,3 +45,11 @@ def test_short_run_writes_result(synthetic_root, tmp_path):
     assert result["n"] == held > 0
     assert 0.0 <= result["giou"] <= 1.0 and 0.0 <= result["ciou"] <= 1.0
     assert result["steps"] == 3 and result["prompt_tokens"] == 1
+
+
+def test_bad_arguments_name_the_problem(synthetic_root):
+    tool = load_tool()
+    with pytest.raises(SystemExit, match="--batch 100000 needs"):
+        tool.main(["--data", str(synthetic_root), "--batch", "100000", "--steps", "1"])
+    with pytest.raises(SystemExit):  # argparse error: exit status 2
+        tool.main(["--data", str(synthetic_root), "--steps", "0"])

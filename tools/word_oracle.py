@@ -99,12 +99,17 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="write the result as JSON here")
     args = p.parse_args(argv)
+    if args.steps < 1 or args.batch < 1 or args.prompt_tokens < 1:
+        p.error("--steps, --batch and --prompt-tokens must be at least 1")
 
     torch.manual_seed(args.seed)
     sam = load_sam(args.init, args.seed).eval()
     sam.requires_grad_(False)
     train = load_refer(args.data, "refcoco", "train")
     held = [r for split in HELD_OUT for r in load_refer(args.data, "refcoco", split)]
+    if len(train) < args.batch or not held:
+        raise SystemExit(f"--data {args.data}: refcoco has {len(train)} train references (--batch {args.batch} needs "
+                         f"at least as many) and {len(held)} in {'/'.join(HELD_OUT)} (needs some)")
     feats, rows = encode_all(sam, train + held)
     vocab = Vocabulary()
     vocab.ids([r.expressions[0] for r in train + held])
