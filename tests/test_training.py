@@ -70,6 +70,28 @@ def test_resume_gives_the_same_next_step_loss(synthetic_root, tiny_checkpoint, t
     assert resumed[2:] == pytest.approx(uninterrupted[2:], rel=1e-5, abs=1e-6)
 
 
+def test_lm_plus_seg_takes_one_forward_and_matches_two(synthetic_root, tiny_checkpoint, tmp_path):
+    # "lm+seg" reads the token logits off the query forward; the stock forward gives the same next-token loss
+    trainer = build_trainer(tiny_recipe("stage1", synthetic_root, tiny_checkpoint, tmp_path / "s1",
+                                        "train.per_device_train_batch_size=4"))
+    batch = next(iter(trainer.get_train_dataloader()))
+    model = trainer.model.eval()
+    calls = []
+    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    with torch.no_grad():
+        total = trainer.compute_loss(model, batch)
+    hook.remove()
+    assert len(calls) == 1
+    lm_inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "labels")}
+    with torch.no_grad():
+        lm = model(**lm_inputs, mm_token_type_ids=batch.get("mm_token_type_ids")).loss
+        out = model(**{k: v for k, v in lm_inputs.items() if k != "labels"}, sam_images=batch["sam_images"],
+                    sam_image_index=batch["sam_image_index"])
+    seg, _ = segmentation_loss(out.mask_logits, batch["target_masks"])
+    assert float(total) == pytest.approx(float(lm + seg), rel=1e-5)
+    assert trainer._parts["lm"][-1] == pytest.approx(float(lm), rel=1e-5)
+
+
 def test_resume_without_checkpoint_is_a_clear_error(synthetic_root, tiny_checkpoint, tmp_path):
     recipe = tiny_recipe("stage1", synthetic_root, tiny_checkpoint, tmp_path / "none", "train.max_steps=1")
     with pytest.raises(FileNotFoundError, match="no checkpoint-"):

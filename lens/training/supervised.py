@@ -76,22 +76,15 @@ class SupervisedLensTrainer(GroupLRMixin, Trainer):
             return model.encode_sam_images(inputs["sam_images"])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        """Sum of the objective's parts. With "seg", one query forward gives both the masks and (for "lm") the
+        token logits: the queries sit after the text, so the text logits are those of the stock forward."""
         unwrapped = self.accelerator.unwrap_model(model)
+        lm_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
         total = 0.0
-        if "lm" in self.objective:
-            out = model(
-                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
-                mm_token_type_ids=inputs.get("mm_token_type_ids"), labels=inputs["labels"],
-            )
-            total = total + self.weights["lm"] * out.loss
-            self._record("lm", out.loss)
         if "seg" in self.objective:
             out = model(
-                input_ids=inputs["input_ids"], attention_mask=inputs["attention_mask"],
-                pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"],
-                sam_features=self.sam_features(unwrapped, inputs), sam_image_index=inputs["sam_image_index"],
-                logits_to_keep=1,
+                **lm_inputs, sam_features=self.sam_features(unwrapped, inputs),
+                sam_image_index=inputs["sam_image_index"], logits_to_keep=0 if "lm" in self.objective else 1,
             )
             targets = [t.to(out.mask_logits.device) for t in inputs["target_masks"]]
             seg, parts = segmentation_loss(out.mask_logits, targets, self.weights["bce"], self.weights["dice"])
@@ -99,6 +92,16 @@ class SupervisedLensTrainer(GroupLRMixin, Trainer):
             self._record("seg", seg)
             for k, v in parts.items():
                 self._record(k, v)
+            if "lm" in self.objective:
+                lm = unwrapped.loss_function(
+                    logits=out.logits, labels=inputs["labels"], vocab_size=unwrapped.config.get_text_config().vocab_size
+                )
+                total = total + self.weights["lm"] * lm
+                self._record("lm", lm)
+        elif "lm" in self.objective:
+            out = model(**lm_inputs, mm_token_type_ids=inputs.get("mm_token_type_ids"), labels=inputs["labels"])
+            total = total + self.weights["lm"] * out.loss
+            self._record("lm", out.loss)
         return (total, None) if return_outputs else total
 
     def _record(self, name: str, value: torch.Tensor) -> None:
