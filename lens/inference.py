@@ -120,11 +120,13 @@ class Segmenter:
         cot: bool = False,
         answers: Sequence[str] | None = None,
         image_keys: Sequence[object] | None = None,
+        sampling: dict | None = None,
     ) -> BatchOutput:
         """Generate (or teacher-force `answers`) for B (image, prompt) pairs, then one query forward.
 
         Rows that share an image (same `image_keys` entry, default: same path or object) share one
-        SAM2 encoding.
+        SAM2 encoding. Decoding is greedy unless `sampling` gives `generate` keyword arguments
+        (e.g. `{"do_sample": True, "temperature": 0.9}`).
         """
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
@@ -144,7 +146,7 @@ class Segmenter:
         prompt_len = inputs["input_ids"].shape[1]
         if answers is None:
             seqs = self.model.generate(
-                **inputs, max_new_tokens=self.max_new_tokens, do_sample=False,
+                **inputs, max_new_tokens=self.max_new_tokens, **(sampling or {"do_sample": False}),
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
             )
             completion = seqs[:, prompt_len:]
