@@ -84,6 +84,8 @@ class Segmenter:
         self.template, self.cot_template = template, cot_template
         self.max_new_tokens = max_new_tokens
         self.llm_longest_side = llm_longest_side
+        cfg = model.config
+        self.vision_token_ids = [i for i in (cfg.image_token_id, getattr(cfg, "video_token_id", None)) if i is not None]
         ip = processor.image_processor
         self.min_pixels = ip.size.get("shortest_edge", 3136)
         self.max_pixels = ip.size.get("longest_edge", 1_000_000)
@@ -148,6 +150,7 @@ class Segmenter:
             seqs = self.model.generate(
                 **inputs, max_new_tokens=self.max_new_tokens, **(sampling or {"do_sample": False}),
                 pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id,
+                suppress_tokens=self.vision_token_ids,  # a generated image/video pad has no features to fill it
             )
             completion = seqs[:, prompt_len:]
         else:

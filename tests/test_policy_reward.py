@@ -52,3 +52,19 @@ def test_bad_arguments_are_named(refs, segmenter):
         policy_reward(segmenter, refs, ["mask_iou"], num_generations=4, batch_size=2)
     with pytest.raises(ValueError, match="unknown reward"):
         policy_reward(segmenter, refs, ["no_such_reward"])
+
+
+def test_generation_never_writes_an_image_pad(refs, segmenter):
+    # an image-pad token in the completion has no vision features to fill it; generation must not produce one
+    image_token = segmenter.model.config.image_token_id
+
+    def favour_image_pad(module, args, output):
+        output[..., image_token] += 1e4
+        return output
+
+    hook = segmenter.model.lm_head.register_forward_hook(favour_image_pad)
+    try:
+        out = segmenter.run_batch([str(refs[0].image_path)], [refs[0].expressions[0]])
+    finally:
+        hook.remove()
+    assert out.mask_logits.shape[0] == 1
