@@ -22,7 +22,8 @@ def free_port() -> int:
 def test_two_process_grpo_keeps_groups_on_one_rank(synthetic_root, tiny_checkpoint, tmp_path):
     overrides = [f"data.root={synthetic_root}", f"model.init={tiny_checkpoint}", f"train.output_dir={tmp_path / 'run'}",
                  "train.max_steps=2", "train.report_to=none", "train.save_steps=1000", "train.logging_steps=1",
-                 "train.disable_tqdm=true", "grpo.max_completion_length=8", "train.per_device_train_batch_size=4"]
+                 "train.disable_tqdm=true", "grpo.max_completion_length=8", "train.per_device_train_batch_size=4",
+                 "grpo.num_generations=4"]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false", "MASTER_ADDR": "127.0.0.1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}",
            str(Path(__file__).with_name("dist_grpo_worker.py")), str(RECIPE), str(tmp_path), *overrides]
@@ -30,7 +31,7 @@ def test_two_process_grpo_keeps_groups_on_one_rank(synthetic_root, tiny_checkpoi
     assert proc.returncode == 0, proc.stderr[-4000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert all(r["world"] == 2 for r in ranks)
-    g = 4  # num_generations of the tiny recipe
+    g = 4  # num_generations, set above: one whole group per rank and step
     for r in ranks:
         assert len(r["batches"]) == 2  # one generation batch per step
         for batch in r["batches"]:

@@ -217,7 +217,8 @@ def test_stage2_segmentation_loss_reaches_context_lm_and_decoder(grpo):
 
 
 def test_grpo_rejects_groups_split_across_ranks(synthetic_root, tiny_checkpoint, tmp_path):
-    recipe = tiny_recipe("stage2", synthetic_root, tiny_checkpoint, tmp_path / "s2", "train.per_device_train_batch_size=6")
+    recipe = tiny_recipe("stage2", synthetic_root, tiny_checkpoint, tmp_path / "s2", "train.per_device_train_batch_size=6",
+                         "grpo.num_generations=4")
     with pytest.raises(ValueError, match="num_generations"):
         build_trainer(recipe)
 

@@ -62,7 +62,8 @@ def stage2_reward(checkpoint: Path, refs) -> dict:
     grpo = recipe.get("grpo", {})
     sampling = {"do_sample": True, **{k: grpo[k] for k in ("temperature", "top_p", "top_k") if k in grpo}}
     segmenter = Segmenter.from_pretrained(str(checkpoint), max_new_tokens=grpo.get("max_completion_length", 40))
-    return policy_reward(segmenter, refs, recipe["rewards"], grpo.get("num_generations", 4), sampling, seed=0)
+    # 16 completions per prompt: the sampling noise of the mean is then well below the differences of interest
+    return policy_reward(segmenter, refs, recipe["rewards"], num_generations=16, sampling=sampling, batch_size=32, seed=0)
 
 
 def demo(checkpoint: Path, refs) -> Path:
