@@ -41,37 +41,32 @@ def logged(stage: str, key: str) -> list[float]:
     return [h[key] for h in history if key in h]
 
 
-def evaluate(checkpoint: Path, split_refs, swaps) -> dict:
+def evaluate(segmenter, split_refs, swaps) -> dict:
     from lens.evaluation.swap import evaluate_with_swaps
-    from lens.inference import Segmenter
 
-    segmenter = Segmenter.from_pretrained(str(checkpoint), max_new_tokens=40)
     start = time.time()
     result = evaluate_with_swaps(segmenter, split_refs, swaps, protocol="standard", batch_size=16)
     result["eval_seconds"] = round(time.time() - start, 1)
     return result
 
 
-def stage2_reward(checkpoint: Path, refs) -> dict:
-    """Stage 2's reward of `checkpoint`'s policy on fixed prompts, sampled as the tiny stage-2 recipe samples."""
+def stage2_reward(segmenter, refs) -> dict:
+    """Stage 2's reward of the segmenter's policy on fixed prompts, sampled as the tiny stage-2 recipe samples."""
     from lens.evaluation.policy_reward import policy_reward
-    from lens.inference import Segmenter
     from lens.training.recipe import load_recipe
 
     recipe = load_recipe(RECIPES / "stage2.yaml", [])
     grpo = recipe.get("grpo", {})
     sampling = {"do_sample": True, **{k: grpo[k] for k in ("temperature", "top_p", "top_k") if k in grpo}}
-    segmenter = Segmenter.from_pretrained(str(checkpoint), max_new_tokens=grpo.get("max_completion_length", 40))
     # 16 completions per prompt: the sampling noise of the mean is then well below the differences of interest
     return policy_reward(segmenter, refs, recipe["rewards"], num_generations=16, sampling=sampling, batch_size=32, seed=0)
 
 
-def demo(checkpoint: Path, refs) -> Path:
-    from lens.inference import Segmenter
+def demo(segmenter, refs) -> Path:
     from lens.visualize import overlay
 
     ref = refs[0]
-    pred = Segmenter.from_pretrained(str(checkpoint), max_new_tokens=40)(str(ref.image_path), ref.expressions[0])
+    pred = segmenter(str(ref.image_path), ref.expressions[0])
     path = OUT / "demo.png"
     overlay(ref.load_image(), pred.mask, pred.box, f"{ref.expressions[0]} -> {pred.text}").save(path)
     return path
@@ -99,6 +94,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from lens.data.refer import load_refer
     from lens.data.synthetic import generate_synthetic, load_swaps
+    from lens.inference import Segmenter
 
     data = OUT / "data"
     if not (data / "synthetic_meta.json").is_file():
@@ -110,9 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     for stage in STAGES:
         checkpoint, seconds = train(stage, [])
         results["seconds"][f"train_{stage}"] = round(seconds, 1)
-        metrics = evaluate(checkpoint, held_out, swaps)
+        # 40 new tokens: the tiny answers are short, and it is the stage-2 recipe's max_completion_length
+        segmenter = Segmenter.from_pretrained(str(checkpoint), max_new_tokens=40)
+        metrics = evaluate(segmenter, held_out, swaps)
         if stage in ("stage1", "stage2"):  # the same held-out prompts, sampling and seed for both checkpoints
-            metrics["reward_mean"] = stage2_reward(checkpoint, held_out)["reward"]
+            metrics["reward_mean"] = stage2_reward(segmenter, held_out)["reward"]
         rewards = logged(stage, "reward") if stage == "stage2" else []
         if rewards:  # each step's own batch: a rise over the run also reflects which prompts came late
             k = max(1, len(rewards) // 4)
@@ -128,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
         results["stages"][stage] = metrics
         print(f"[quickstart] {stage}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
 
-    results["demo"] = str(demo(OUT / "stage2" / "final", held_out).relative_to(ROOT))
+    results["demo"] = str(demo(segmenter, held_out).relative_to(ROOT))  # the last stage's model
     results["seconds"]["total"] = round(time.time() - t0, 1)
     s1, s2 = results["stages"]["stage1"], results["stages"]["stage2"]
     results["targets"] = {

@@ -13,8 +13,8 @@ import torch
 from tqdm import tqdm
 
 from lens.data.base import Reference
-from lens.data.transforms import box_to_llm_pixels
 from lens.losses import mask_iou_from_logits
+from lens.evaluation.swap import target_llm_box
 from lens.rewards import get_reward_funcs
 
 
@@ -43,7 +43,7 @@ def policy_reward(
         out = segmenter.run_batch([str(r.image_path) for r in batch], prompts, sampling=sampling)
         targets = [torch.from_numpy(r.load_mask() == 1) for r in batch]
         ious = mask_iou_from_logits(out.mask_logits, targets).tolist()
-        gt_boxes = [box_to_llm_pixels(r.target_box(), out.orig_sizes[k], out.llm_sizes[k]) for k, r in enumerate(batch)]
+        gt_boxes = [target_llm_box(r, out.orig_sizes[k], out.llm_sizes[k]) for k, r in enumerate(batch)]
         for name, func in zip(reward_names, funcs):
             totals[name] += sum(func(prompts, out.texts, box_llm=gt_boxes, mask_iou=ious))
         n += len(batch)

@@ -38,12 +38,13 @@ def score_references(
         )
         targets = [torch.from_numpy(r.load_mask()) for r in batch]
         preds = [upsample_masks(out.mask_logits[k : k + 1], tuple(t.shape))[0] > 0 for k, t in enumerate(targets)]
-        gt_boxes = [_llm_box(r, out.orig_sizes[k], out.llm_sizes[k]) for k, r in enumerate(batch)]
+        gt_boxes = [target_llm_box(r, out.orig_sizes[k], out.llm_sizes[k]) for k, r in enumerate(batch)]
         metrics.update(preds, targets, out.boxes_llm, gt_boxes, ids=[refs[i].ref_id for i in idx])
     return metrics.compute()
 
 
-def _llm_box(ref: Reference, orig_hw, llm_hw) -> list[float]:
+def target_llm_box(ref: Reference, orig_hw, llm_hw) -> list[float]:
+    """The reference's target box (xyxy) in the pixels of the LLM's resized image."""
     from lens.data.transforms import box_to_llm_pixels
 
     return box_to_llm_pixels(ref.target_box(), orig_hw, llm_hw)
