@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="dataset root holding refer_seg/refcoco (e.g. the synthetic data)")
     p.add_argument("--init", default="preset:tiny", help="preset:<name> or a LENS checkpoint folder (its SAM2)")
-    p.add_argument("--steps", type=int, default=1110, help="optimizer steps (tiny stage 1 takes 1,110)")
+    p.add_argument("--steps", type=int, default=2220, help="optimizer steps (tiny stage 1 takes 2,220)")
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW, warm-up 10 steps then cosine, as tiny stage 1")
     p.add_argument("--prompt-tokens", type=int, default=1, help="sparse prompt tokens (LENS: 1)")
