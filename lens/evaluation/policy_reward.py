@@ -13,8 +13,8 @@ import torch
 from tqdm import tqdm
 
 from lens.data.base import Reference
-from lens.losses import mask_iou_from_logits
 from lens.evaluation.swap import target_llm_box
+from lens.losses import mask_iou_from_logits
 from lens.rewards import get_reward_funcs
 
 
