@@ -35,6 +35,25 @@ def test_prompter_shape_and_padding_invariance():
     assert not torch.allclose(batch[1], out[0])  # and different words give a different prompt
 
 
+def test_prompt_gain_scales_the_initial_prompt():
+    tool = load_tool()
+    ids = torch.tensor([[1, 2, 3], [4, 5, 0]])
+    torch.manual_seed(0)
+    base = tool.WordPrompter(vocab_size=10, dim=8, prompt_dim=16, prompt_tokens=1)(ids)
+    torch.manual_seed(0)
+    scaled = tool.WordPrompter(vocab_size=10, dim=8, prompt_dim=16, prompt_tokens=1, gain=30.0)(ids)
+    assert torch.allclose(scaled, 30.0 * base, atol=1e-5)
+
+
+def test_expression_kind():
+    kind = load_tool().expression_kind
+    assert kind("the red circle") == "attr"
+    assert kind("Please segment the blue square on the left.") == "position"
+    assert kind("the largest object") == "size"
+    assert kind("the circle left of the red square") == "relation"
+    assert kind("a cat on a sofa") == "other"
+
+
 def test_short_run_writes_result(synthetic_root, tmp_path):
     out = tmp_path / "oracle.json"
     assert load_tool().main(["--data", str(synthetic_root), "--steps", "3", "--batch", "4", "--out", str(out)]) == 0
@@ -44,7 +63,10 @@ def test_short_run_writes_result(synthetic_root, tmp_path):
     held = sum(len(load_refer(synthetic_root, "refcoco", s)) for s in ("val", "testA", "testB"))
     assert result["n"] == held > 0
     assert 0.0 <= result["giou"] <= 1.0 and 0.0 <= result["ciou"] <= 1.0
-    assert result["steps"] == 3 and result["prompt_tokens"] == 1
+    assert result["steps"] == 3 and result["prompt_tokens"] == 1 and result["prompt_gain"] == 1.0
+    assert 0.0 <= result["precision"] <= 1.0 and 0.0 <= result["recall"] <= 1.0 and result["final_loss"] > 0
+    by_kind = result["mean_iou_by_kind"]
+    assert sum(v["n"] for v in by_kind.values()) == held and set(by_kind) <= {"attr", "position", "size", "relation"}
 
 
 def test_bad_arguments_name_the_problem(synthetic_root):
@@ -53,3 +75,5 @@ def test_bad_arguments_name_the_problem(synthetic_root):
         tool.main(["--data", str(synthetic_root), "--batch", "100000", "--steps", "1"])
     with pytest.raises(SystemExit):  # argparse error: exit status 2
         tool.main(["--data", str(synthetic_root), "--steps", "0"])
+    with pytest.raises(SystemExit):
+        tool.main(["--data", str(synthetic_root), "--prompt-gain", "0"])

@@ -50,12 +50,10 @@ def evaluate(segmenter, split_refs, swaps) -> dict:
     return result
 
 
-def stage2_reward(segmenter, refs) -> dict:
-    """Stage 2's reward of the segmenter's policy on fixed prompts, sampled as the tiny stage-2 recipe samples."""
+def stage2_reward(segmenter, refs, recipe: dict) -> dict:
+    """Stage 2's reward of the segmenter's policy on fixed prompts, sampled as the tiny stage-2 `recipe` samples."""
     from lens.evaluation.policy_reward import policy_reward
-    from lens.training.recipe import load_recipe
 
-    recipe = load_recipe(RECIPES / "stage2.yaml", [])
     grpo = recipe.get("grpo", {})
     sampling = {"do_sample": True, **{k: grpo[k] for k in ("temperature", "top_p", "top_k") if k in grpo}}
     # 16 completions per prompt: the sampling noise of the mean is then well below the differences of interest
@@ -95,22 +93,24 @@ def main(argv: list[str] | None = None) -> int:
     from lens.data.refer import load_refer
     from lens.data.synthetic import generate_synthetic, load_swaps
     from lens.inference import Segmenter
+    from lens.training.recipe import load_recipe
 
     data = OUT / "data"
     if not (data / "synthetic_meta.json").is_file():
         generate_synthetic(data, seed=0, n_train=2000, n_val=32, n_test=32)  # as scripts/tiny_prereqs.sh
     held_out = load_refer(data, "refcoco", "val") + load_refer(data, "refcoco", "testA") + load_refer(data, "refcoco", "testB")
     swaps = load_swaps(data)
+    stage2_recipe = load_recipe(RECIPES / "stage2.yaml", [])
+    max_new_tokens = stage2_recipe["grpo"]["max_completion_length"]  # every stage generates as stage 2 samples
 
     results: dict = {"stages": {}, "seconds": {}}
     for stage in STAGES:
         checkpoint, seconds = train(stage, [])
         results["seconds"][f"train_{stage}"] = round(seconds, 1)
-        # 40 new tokens: the tiny answers are short, and it is the stage-2 recipe's max_completion_length
-        segmenter = Segmenter.from_pretrained(str(checkpoint), max_new_tokens=40)
+        segmenter = Segmenter.from_pretrained(str(checkpoint), max_new_tokens=max_new_tokens)
         metrics = evaluate(segmenter, held_out, swaps)
         if stage in ("stage1", "stage2"):  # the same held-out prompts, sampling and seed for both checkpoints
-            metrics["reward_mean"] = stage2_reward(segmenter, held_out)["reward"]
+            metrics["reward_mean"] = stage2_reward(segmenter, held_out, stage2_recipe)["reward"]
         rewards = logged(stage, "reward") if stage == "stage2" else []
         if rewards:  # each step's own batch: a rise over the run also reflects which prompts came late
             k = max(1, len(rewards) // 4)

@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from lens.data.base import Reference
 from lens.data.refer import load_refer
-from lens.data.synthetic import normalise_text
+from lens.data.synthetic import normalise_text, parse_expression
 from lens.data.transforms import load_rgb, sam_image
 from lens.evaluation.metrics import SegmentationMetrics
 from lens.losses import segmentation_loss
@@ -41,11 +41,14 @@ HELD_OUT = ("val", "testA", "testB")
 class WordPrompter(nn.Module):
     """Word ids (B, L), 0 = padding -> SAM2 sparse prompt (B, T, C): embeddings, BiGRU, max-pool, linear."""
 
-    def __init__(self, vocab_size: int, dim: int, prompt_dim: int, prompt_tokens: int) -> None:
+    def __init__(self, vocab_size: int, dim: int, prompt_dim: int, prompt_tokens: int, gain: float = 1.0) -> None:
         super().__init__()
         self.embed = nn.Embedding(vocab_size, dim, padding_idx=0)
         self.gru = nn.GRU(dim, dim, batch_first=True, bidirectional=True)
         self.out = nn.Linear(2 * dim, prompt_tokens * prompt_dim)
+        with torch.no_grad():  # `gain` scales the initial prompt (the decoder's own tokens have norm ~8)
+            self.out.weight.mul_(gain)
+            self.out.bias.mul_(gain)
         self.shape = (prompt_tokens, prompt_dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -88,6 +91,39 @@ def decode(sam: nn.Module, feats: SamFeatures, rows: dict[str, int], refs: list[
     return decode_masks(sam, feats.index(uniq), prompt, index)[0]
 
 
+def expression_kind(text: str) -> str:
+    """Kind of a synthetic expression (attr, position, size, relation, reasoning); "other" outside the grammar."""
+    try:
+        return parse_expression(text).kind
+    except ValueError:
+        return "other"
+
+
+@torch.no_grad()
+def evaluate(sam, feats, rows, refs: list[Reference], prompter: WordPrompter, vocab: Vocabulary) -> dict:
+    """cIoU/gIoU (`standard` protocol), mean per-expression precision and recall of the predicted mask (a
+    decoder that ignores the words and masks every object shows low precision, high recall), mean IoU by kind
+    of expression (plain foreground IoU, no ignore pixels)."""
+    metrics, by_kind, precision, recall = SegmentationMetrics(protocol="standard"), {}, [], []
+    for i in range(0, len(refs), 32):
+        batch = refs[i : i + 32]
+        logits = decode(sam, feats, rows, batch, prompter(vocab.ids([r.expressions[0] for r in batch])))
+        for k, ref in enumerate(batch):
+            target = torch.from_numpy(ref.load_mask())
+            pred = upsample_masks(logits[k : k + 1], tuple(target.shape))[0] > 0
+            metrics.update([pred], [target])
+            fg = target == 1
+            inter, union = (pred & fg).sum().item(), (pred | fg).sum().item()
+            precision.append(inter / max(pred.sum().item(), 1))
+            recall.append(inter / max(fg.sum().item(), 1))
+            by_kind.setdefault(expression_kind(ref.expressions[0]), []).append(inter / union if union else 0.0)
+    result = {k: v for k, v in metrics.compute().items() if k in ("ciou", "giou", "n")}
+    result["precision"] = sum(precision) / len(precision)
+    result["recall"] = sum(recall) / len(recall)
+    result["mean_iou_by_kind"] = {k: {"iou": sum(v) / len(v), "n": len(v)} for k, v in sorted(by_kind.items())}
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--data", required=True, help="dataset root holding refer_seg/refcoco (e.g. the synthetic data)")
@@ -96,11 +132,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--lr", type=float, default=1e-3, help="AdamW, warm-up 10 steps then cosine, as tiny stage 1")
     p.add_argument("--prompt-tokens", type=int, default=1, help="sparse prompt tokens (LENS: 1)")
+    p.add_argument("--prompt-gain", type=float, default=1.0,
+                   help="scale of the prompter's initial output (1: PyTorch's default Linear init)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", type=Path, help="write the result as JSON here")
     args = p.parse_args(argv)
     if args.steps < 1 or args.batch < 1 or args.prompt_tokens < 1:
         p.error("--steps, --batch and --prompt-tokens must be at least 1")
+    if not args.prompt_gain > 0:
+        p.error(f"--prompt-gain must be positive, got {args.prompt_gain}")
 
     torch.manual_seed(args.seed)
     sam = load_sam(args.init, args.seed).eval()
@@ -113,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     feats, rows = encode_all(sam, train + held)
     vocab = Vocabulary()
     vocab.ids([r.expressions[0] for r in train + held])
-    prompter = WordPrompter(len(vocab) + 1, 128, feats.image_embed.shape[1], args.prompt_tokens)
+    prompter = WordPrompter(len(vocab) + 1, 128, feats.image_embed.shape[1], args.prompt_tokens, args.prompt_gain)
     trained = [*prompter.parameters(), *sam.sam_prompt_encoder.parameters(), *sam.sam_mask_decoder.parameters()]
     for t in trained:
         t.requires_grad_(True)
@@ -122,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
         opt, lambda s: min(1.0, (s + 1) / 10) * 0.5 * (1 + math.cos(math.pi * s / args.steps)))
 
     sam.sam_mask_decoder.train()
-    rng, order, start = random.Random(args.seed), [], time.time()
+    rng, order, losses, start = random.Random(args.seed), [], [], time.time()
     for _ in (bar := tqdm(range(args.steps), desc="oracle")):
         if len(order) < args.batch:
             order = list(range(len(train)))
@@ -135,21 +175,15 @@ def main(argv: list[str] | None = None) -> int:
         loss.backward()
         opt.step()
         sched.step()
+        losses.append(loss.item())
         bar.set_postfix(loss=f"{loss.item():.3f}", dice=f"{parts['dice'].item():.3f}")
     train_s = time.time() - start
 
     sam.eval()
-    metrics = SegmentationMetrics(protocol="standard")
-    with torch.no_grad():
-        for i in range(0, len(held), 32):
-            batch = held[i : i + 32]
-            logits = decode(sam, feats, rows, batch, prompter(vocab.ids([r.expressions[0] for r in batch])))
-            targets = [torch.from_numpy(r.load_mask()) for r in batch]
-            preds = [upsample_masks(logits[k : k + 1], tuple(t.shape))[0] > 0 for k, t in enumerate(targets)]
-            metrics.update(preds, targets)
-    result = {k: v for k, v in metrics.compute().items() if k in ("ciou", "giou", "n")}
-    result.update(steps=args.steps, lr=args.lr, prompt_tokens=args.prompt_tokens, init=args.init,
-                  train_seconds=round(train_s, 1))
+    result = evaluate(sam, feats, rows, held, prompter, vocab)
+    result.update(steps=args.steps, lr=args.lr, prompt_tokens=args.prompt_tokens, prompt_gain=args.prompt_gain,
+                  init=args.init, train_seconds=round(train_s, 1),
+                  final_loss=sum(losses[-100:]) / len(losses[-100:]))
     print(json.dumps(result))
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
