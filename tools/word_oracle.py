@@ -29,7 +29,7 @@ from lens.data.base import Reference
 from lens.data.refer import load_refer
 from lens.data.synthetic import normalise_text, parse_expression
 from lens.data.transforms import load_rgb, sam_image
-from lens.evaluation.metrics import SegmentationMetrics
+from lens.evaluation.metrics import SegmentationMetrics, expression_iou, foreground_mask, intersection_union
 from lens.losses import segmentation_loss
 from lens.modeling.lens import LensForConditionalGeneration
 from lens.modeling.presets import build_preset
@@ -102,8 +102,8 @@ def expression_kind(text: str) -> str:
 @torch.no_grad()
 def evaluate(sam, feats, rows, refs: list[Reference], prompter: WordPrompter, vocab: Vocabulary) -> dict:
     """cIoU/gIoU (`standard` protocol), mean per-expression precision and recall of the predicted mask (a
-    decoder that ignores the words and masks every object shows low precision, high recall), mean IoU by kind
-    of expression (plain foreground IoU, no ignore pixels)."""
+    decoder that ignores the words and masks every object shows low precision, high recall) and the mean IoU by
+    kind of expression; these three count pixels == 1 as the target (the `lens` protocol's foreground)."""
     metrics, by_kind, precision, recall = SegmentationMetrics(protocol="standard"), {}, [], []
     for i in range(0, len(refs), 32):
         batch = refs[i : i + 32]
@@ -112,11 +112,10 @@ def evaluate(sam, feats, rows, refs: list[Reference], prompter: WordPrompter, vo
             target = torch.from_numpy(ref.load_mask())
             pred = upsample_masks(logits[k : k + 1], tuple(target.shape))[0] > 0
             metrics.update([pred], [target])
-            fg = target == 1
-            inter, union = (pred & fg).sum().item(), (pred | fg).sum().item()
-            precision.append(inter / max(pred.sum().item(), 1))
-            recall.append(inter / max(fg.sum().item(), 1))
-            by_kind.setdefault(expression_kind(ref.expressions[0]), []).append(inter / union if union else 0.0)
+            inter, union = (int(x) for x in intersection_union(pred, target, "lens"))
+            precision.append(inter / max(int(pred.sum()), 1))
+            recall.append(inter / max(int(foreground_mask(target, "lens")[0].sum()), 1))
+            by_kind.setdefault(expression_kind(ref.expressions[0]), []).append(expression_iou(inter, union))
     result = {k: v for k, v in metrics.compute().items() if k in ("ciou", "giou", "n")}
     result["precision"] = sum(precision) / len(precision)
     result["recall"] = sum(recall) / len(recall)
