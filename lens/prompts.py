@@ -7,6 +7,7 @@ emit the ``transformers`` multimodal chat format that ``processor.apply_chat_tem
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 
 __all__ = [
@@ -17,6 +18,9 @@ __all__ = [
     "grounding_answer",
     "phrase_answer",
     "json_answer",
+    "NO_TARGET_ANSWER",
+    "no_target_answer",
+    "is_no_target_answer",
 ]
 
 # The trailing space is part of the original prompt; keep it so tokenisation matches released weights.
@@ -88,3 +92,36 @@ def json_answer(box: Sequence[float]) -> str:
     """Qwen2.5-VL JSON grounding answer, e.g. ``{"bbox_2d": [1, 2, 3, 4]}`` (used inside ``<answer>``)."""
     x1, y1, x2, y2 = _int_box(box)
     return f'{{"bbox_2d": [{x1}, {y1}, {x2}, {y2}]}}'
+
+
+# ---------------------------------------------------------------------------- no-target answers (GRES)
+#: What a LENS answer says when the expression names nothing in the image (generalized RES, gRefCOCO).
+NO_TARGET_ANSWER = "no target"
+_NO_TARGET = re.compile(
+    r"\bno[\s_-]+(?:such\s+|matching\s+)?(?:target|object|region)s?\b"
+    r"|\bnot\s+(?:present|visible|in\s+the\s+image)\b"
+    r"|\b(?:does|do)\s*(?:not|n't)\s+exist\b",
+    re.IGNORECASE,
+)
+_ANSWER_BLOCK = re.compile(r"<answer>(.*?)</answer>", re.DOTALL)
+
+
+def no_target_answer(cot: bool = False) -> str:
+    """The answer text for "nothing matches": ``no target`` (inside ``<answer>`` for CoT completions)."""
+    return f"<answer>{NO_TARGET_ANSWER}</answer>" if cot else NO_TARGET_ANSWER
+
+
+def is_no_target_answer(text: str) -> bool:
+    """True when an answer says that nothing matches: a no-target phrase and no box.
+
+    The last ``<answer>`` block is read when there is one (so think text may discuss absent objects),
+    else the whole text. Phrases: "no target", "no object", "no such/matching target/object/region"
+    (plural too), "not present", "not visible", "not in the image", "does not exist". A box that
+    :func:`lens.geometry.parse_box` finds in the same text makes it a box answer instead.
+    """
+    from lens.geometry import parse_box  # lazy: geometry pulls in torch
+    if not isinstance(text, str):
+        return False
+    blocks = _ANSWER_BLOCK.findall(text)
+    body = blocks[-1] if blocks else text
+    return _NO_TARGET.search(body) is not None and parse_box(body) is None

@@ -7,6 +7,7 @@ flags given on the command line override the YAML. Multi-GPU: run under ``torchr
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -23,6 +24,9 @@ examples:
   python -m lens.evaluation --model weights/LENS_ReasonSeg_CoT --benchmarks reasonseg_val:cot reasonseg_test:cot
   python -m lens.evaluation --config configs/eval/synthetic.yaml --limit 32
   GPUS=8 bash eval.sh --config configs/eval/paper.yaml --model weights/LENS --batch-size 32
+  # score saved predictions (LENS's --save-predictions output or another system's masks), no model loaded:
+  bash eval.sh --predictions outputs/eval/tiny --benchmarks refcoco_val --out outputs/eval/rescored
+  bash eval.sh --predictions preds.jsonl --protocol standard --allow-missing
 """
 
 
@@ -47,6 +51,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), help="default: bf16 on CUDA, fp32 on CPU")
     p.add_argument("--device", help="auto (default), cpu, cuda, cuda:N")
     p.add_argument("--overwrite", action="store_true", help="recompute splits that already have results")
+    p.add_argument("--predictions", metavar="FILE_OR_DIR",
+                   help="score this predictions JSONL file (or the *.predictions.jsonl files of a folder); no model")
+    p.add_argument("--allow-missing", action="store_true",
+                   help="with --predictions: score a partial file and report coverage instead of failing")
+    p.add_argument("--overlays-filter", choices=("extremes", "mask_rescues_box", "box_rescues_mask"),
+                   help="which expressions --save-overlays draws (default: extremes = K best and K worst)")
     p.add_argument("--list-benchmarks", action="store_true", help="print the valid benchmark names and exit")
     return p
 
@@ -75,10 +85,19 @@ def resolve_config(argv: list[str] | None = None) -> EvalConfig | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg = resolve_config(argv)
-    if cfg is None:
-        return 0
-    run_evaluation(cfg)
+    """Bad input (options, data, predictions files) ends with one ``error: ...`` line and exit status 2;
+    ``LENS_DEBUG=1`` shows the traceback instead."""
+    try:
+        cfg = resolve_config(argv)
+        if cfg is None:
+            return 0
+        run_evaluation(cfg)
+    except (ValueError, FileNotFoundError, KeyError) as exc:
+        if os.environ.get("LENS_DEBUG"):
+            raise
+        message = exc.args[0] if isinstance(exc, KeyError) and exc.args else exc
+        print(f"error: {message}", file=sys.stderr)
+        return 2
     return 0
 
 

@@ -2,7 +2,10 @@
 
 * RES (cIoU): rows RefCOCO / RefCOCO+ / RefCOCOg, columns val / testA / testB / test.
 * Reasoning / grounding (gIoU, cIoU): ReasonSeg-Val, ReasonSeg-Test (plain and CoT), GS-Eval.
-* Every split (incl. custom and CoT RefCOCO) in a generic table with n, box metrics and speed.
+* Generalized RES (gRefCOCO and any split with no-target expressions): GRES cIoU, gIoU, N-acc, T-acc.
+* Box versus mask (every split with box IoUs): "mask rescues box", the reverse, mask mIoU by box IoU.
+* Every split (incl. custom and CoT RefCOCO) in a generic table with n, box metrics and speed (and the
+  coverage of a scored predictions file).
 
 Numbers are percentages with one decimal; ``-`` marks a split that was not evaluated.
 """
@@ -61,17 +64,64 @@ def reasoning_table(results: Mapping[str, dict]) -> str | None:
     return "### Reasoning segmentation and GroundingSuite (gIoU / cIoU)\n\n" + table(["benchmark", "gIoU", "cIoU"], rows)
 
 
+GRES_ROWS = (("grefcoco_val", "gRefCOCO val"), ("grefcoco_testA", "gRefCOCO testA"),
+             ("grefcoco_testB", "gRefCOCO testB"))
+
+
+def gres_table(results: Mapping[str, dict]) -> str | None:
+    """GRES metrics of gRefCOCO (paper rows first) and of any other split that reports them."""
+    known = dict(GRES_ROWS)
+    names = [k for k, _ in GRES_ROWS if k in results and results[k].get("gres")]
+    names += [k for k, r in results.items() if r.get("gres") and k not in known]
+    if not names:
+        return None
+    rows = []
+    for name in names:
+        g = results[name]["gres"]
+        rows.append([known.get(name, name), pct(g["ciou"]), pct(g["giou"]), pct(g["n_acc"]), pct(g["t_acc"]),
+                     f"{g['n_no_target']} / {g['n']}"])
+    note = ("GRES rules: a no-target expression scores IoU 1 when the prediction is empty (predicted area 0) "
+            "and adds its predicted area to U otherwise; N-acc = TN / (TN + FP) over no-target expressions, "
+            "T-acc = TP / (TP + FN) over the others.")
+    header = ["benchmark", "cIoU", "gIoU", "N-acc", "T-acc", "no-target / n"]
+    return "### Generalized referring segmentation (GRES metrics)\n\n" + table(header, rows) + "\n\n" + note
+
+
+def box_mask_table(results: Mapping[str, dict]) -> str | None:
+    """Per split with box IoUs: mask rescues box, box rescues mask, mask mIoU (n) per box-IoU bin."""
+    names = [k for k, r in results.items() if r.get("box_vs_mask")]
+    if not names:
+        return None
+    bins = results[names[0]]["box_vs_mask"]["bins"]
+    labels = [f"box IoU [{b['lo']:.2f}, {b['hi']:.2f}{']' if k == len(bins) - 1 else ')'}"
+              for k, b in enumerate(bins)]
+    rows = []
+    for name in names:
+        b = results[name]["box_vs_mask"]
+        cells = [f"{pct(x['mask_miou'])} ({x['n']})" for x in b["bins"]]
+        rows.append([name, str(b["n_box"]), pct(b["mask_rescues_box"]), pct(b["box_rescues_mask"]), *cells])
+    header = ["split", "n box", "mask rescues box", "box rescues mask", *labels]
+    note = ("Mask rescues box: box IoU < 0.5 but mask IoU >= 0.5 (share of the expressions with a box IoU); "
+            "box rescues mask: the reverse. Bin cells: mask mIoU (expressions).")
+    return "### Box versus mask\n\n" + table(header, rows) + "\n\n" + note
+
+
 def detail_table(results: Mapping[str, dict]) -> str:
-    """Every split: n, gIoU, cIoU, box accuracy / mIoU, time and throughput."""
+    """Every split: n, gIoU, cIoU, box accuracy / mIoU, time and throughput (and predictions coverage)."""
+    with_cov = any(r.get("predictions") for r in results.values())
     rows = []
     for name, r in results.items():
         speed = r.get("expressions_per_s")
-        rows.append([
+        row = [
             name, str(r["n"]), pct(r["giou"]), pct(r["ciou"]), pct(r.get("box_acc")), pct(r.get("box_miou")),
             f"{r.get('time_s', 0.0):.1f}", "-" if speed is None else f"{speed:.2f}",
-        ])
+        ]
+        if with_cov:
+            cov = r.get("predictions")
+            row.append(f"{pct(cov['coverage'])} ({cov['n_scored']}/{cov['n_expected']})" if cov else "-")
+        rows.append(row)
     header = ["split", "n", "gIoU", "cIoU", "box acc@0.5", "box mIoU", "time (s)", "expr/s"]
-    return "### All splits\n\n" + table(header, rows)
+    return "### All splits\n\n" + table(header + (["coverage"] if with_cov else []), rows)
 
 
 def results_markdown(results: Mapping[str, dict], model: str, protocol: str, limit: int | None = None) -> str:
@@ -80,6 +130,7 @@ def results_markdown(results: Mapping[str, dict], model: str, protocol: str, lim
     if limit:
         head.append(f"Smoke run: only the first {limit} expressions of each split (not comparable to the paper).")
     parts = ["\n".join(head)]
-    parts += [t for t in (refer_table(results), reasoning_table(results)) if t]
+    tables = (refer_table(results), reasoning_table(results), gres_table(results), box_mask_table(results))
+    parts += [t for t in tables if t]
     parts.append(detail_table(results))
     return "\n\n".join(parts) + "\n"

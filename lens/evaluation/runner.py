@@ -7,6 +7,10 @@ Each finished batch appends its records to ``<out>/<split>.partial[.rankR].jsonl
 run skips the recorded ids. Rank 0 gathers all records, computes the metrics and writes
 ``<out>/<split>.json`` atomically; at the end ``results.json`` and ``results.md``.
 
+With ``--predictions FILE_OR_DIR`` no model is loaded: the lines of a predictions file (LENS's
+``--save-predictions`` output or another system's masks, see :mod:`lens.evaluation.predictions`)
+become the records, scored with the same loaders, protocols and metrics.
+
 File stems carry a suffix so runs never clobber each other: ``.standard`` for the standard
 protocol and ``.limitN`` for ``--limit N`` smoke runs (e.g. ``refcoco_val.limit32.json``).
 """
@@ -15,414 +19,36 @@ from __future__ import annotations
 
 import contextlib
 import datetime as _dt
-import glob
 import json
 import os
 import re
-import sys
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from lens.data.base import Reference
-from lens.data.dataset import expand_expressions
-from lens.data.registry import BENCHMARKS, CUSTOM_PREFIX, EVAL_BENCHMARKS, load_benchmark
-from lens.evaluation.metrics import PROTOCOLS, SegmentationMetrics, expression_iou, intersection_union
+from lens.data.registry import EVAL_BENCHMARKS, load_benchmark
+from lens.evaluation.analysis import box_mask_analysis, gres_metrics
+from lens.evaluation.config import (  # noqa: F401  (re-exported: tools and tests import them from here)
+    COT_TEMPLATE, DEFAULT_MAX_NEW_TOKENS, PLAIN_TEMPLATE, REASONSEG_LONGEST_SIDE, EvalConfig, Expression, SplitSpec,
+    allows_no_target, build_expressions, is_preset, log, make_batches, model_name, order_by_image, parse_benchmarks,
+    shard_batches, valid_benchmark_names,
+)
+from lens.evaluation.distributed import DTYPES, DistContext, resolve_device, resolve_dtype  # noqa: F401
+from lens.evaluation.files import (
+    PartialWriter, check_signature, partial_files, partial_path, read_partial, split_files, write_atomic,
+    write_json_atomic,
+)
+from lens.evaluation.metrics import SegmentationMetrics, intersection_union
+from lens.evaluation.overlays import pick_extremes, save_overlays  # noqa: F401
+from lens.evaluation.predictions import encode_rles, prediction_line
 from lens.geometry import box_iou
-
-PLAIN_TEMPLATE, COT_TEMPLATE = "pr1_grounding", "samr1_v4"
-COT_SUFFIX = ":cot"
-REASONSEG_LONGEST_SIDE = 640
-DEFAULT_MAX_NEW_TOKENS = {False: 256, True: 512}
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-
-
-def log(msg: str, rank: int = 0) -> None:
-    """Progress messages on stderr, rank 0 only."""
-    if rank == 0:
-        print(f"[lens.evaluation] {msg}", file=sys.stderr, flush=True)
-
-
-# ============================================================================ configuration
-
-
-@dataclass
-class EvalConfig:
-    """Resolved evaluation options (CLI flags and ``configs/eval/*.yaml`` keys share these names)."""
-
-    model: str | None = None
-    benchmarks: list[str] = field(default_factory=lambda: list(EVAL_BENCHMARKS))
-    data_root: str = "datasets"
-    out: str | None = None
-    protocol: str = "lens"
-    batch_size: int = 16
-    max_new_tokens: int | None = None
-    limit: int | None = None
-    save_predictions: bool = False
-    save_overlays: int = 0
-    dtype: str = "auto"
-    device: str = "auto"
-    cot: bool = False
-    overwrite: bool = False
-
-    @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> EvalConfig:
-        """Build from a dict (YAML keys may use ``-`` or ``_``); unknown keys raise ``ValueError``."""
-        names = {f.name for f in fields(cls)}
-        clean = {str(k).replace("-", "_"): v for k, v in values.items()}
-        unknown = sorted(set(clean) - names)
-        if unknown:
-            raise ValueError(f"unknown evaluation option(s) {unknown}; valid: {sorted(names)}")
-        if isinstance(clean.get("benchmarks"), str):
-            clean["benchmarks"] = [clean["benchmarks"]]
-        return cls(**clean)
-
-    def validate(self) -> None:
-        """Raise ``ValueError`` for missing or out-of-range options."""
-        if not self.model:
-            raise ValueError("no model given: pass --model <checkpoint folder or preset name> "
-                             "(or 'model:' in the YAML)")
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(f"unknown protocol {self.protocol!r}; valid: {', '.join(PROTOCOLS)}")
-        if self.batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.limit is not None and self.limit < 1:
-            raise ValueError(f"limit must be >= 1, got {self.limit}")
-        if self.max_new_tokens is not None and self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-        if self.save_overlays < 0:
-            raise ValueError(f"save_overlays must be >= 0, got {self.save_overlays}")
-        if self.dtype != "auto" and self.dtype not in DTYPES:
-            raise ValueError(f"unknown dtype {self.dtype!r}; valid: auto, {', '.join(DTYPES)}")
-        if not self.benchmarks:
-            raise ValueError("no benchmarks given")
-
-    @property
-    def suffix(self) -> str:
-        """File-stem suffix: ``.standard`` for the standard protocol, ``.limitN`` for smoke runs."""
-        return ("" if self.protocol == "lens" else f".{self.protocol}") + (f".limit{self.limit}" if self.limit else "")
-
-    def out_dir(self) -> Path:
-        """``--out``, else ``<model>/evaluations`` for a checkpoint or ``outputs/eval/<preset>``."""
-        if self.out:
-            return Path(self.out)
-        if is_preset(str(self.model)):
-            return Path("outputs/eval") / str(self.model)
-        return Path(str(self.model)) / "evaluations"
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-
-def is_preset(model: str) -> bool:
-    from lens.modeling.presets import PRESETS
-
-    return model in PRESETS
-
-
-def model_name(model: str) -> str:
-    """Short model identity stored in results and resume signatures (preset name or folder name)."""
-    return model if is_preset(model) else Path(model).resolve().name
-
-
-# ============================================================================ benchmarks and expressions
-
-
-@dataclass(frozen=True)
-class SplitSpec:
-    """One evaluated split: a registry name (or ``custom:<path.jsonl>``) with or without CoT."""
-
-    benchmark: str
-    cot: bool = False
-
-    @property
-    def is_custom(self) -> bool:
-        return self.benchmark.startswith(CUSTOM_PREFIX)
-
-    @property
-    def dataset(self) -> str:
-        if self.is_custom:
-            return "custom"
-        return self.benchmark if self.benchmark == "groundingsuite" else self.benchmark.rsplit("_", 1)[0]
-
-    @property
-    def split(self) -> str:
-        if self.is_custom:
-            return Path(self.benchmark[len(CUSTOM_PREFIX):]).stem
-        return "eval" if self.benchmark == "groundingsuite" else self.benchmark.rsplit("_", 1)[1]
-
-    @property
-    def name(self) -> str:
-        """File-safe split name, e.g. ``refcoco+_testA``, ``reasonseg_val_cot``, ``custom_mydata``."""
-        base = f"custom_{self.split}" if self.is_custom else self.benchmark
-        return re.sub(r"[^A-Za-z0-9_+-]", "_", base) + ("_cot" if self.cot else "")
-
-    @property
-    def is_reasonseg(self) -> bool:
-        return self.dataset == "reasonseg"
-
-    @property
-    def llm_longest_side(self) -> int | None:
-        """ReasonSeg images are capped at 640 px (longest side) before smart_resize, as upstream."""
-        return REASONSEG_LONGEST_SIDE if self.is_reasonseg else None
-
-    @property
-    def template(self) -> str:
-        return COT_TEMPLATE if self.cot else PLAIN_TEMPLATE
-
-    def loader_kwargs(self, protocol: str) -> dict[str, Any]:
-        """GroundingSuite: upstream caption cleanup under ``lens``, the raw caption under ``standard``."""
-        if self.dataset == "groundingsuite":
-            return {"upstream_caption_cleanup": protocol == "lens"}
-        return {}
-
-
-def valid_benchmark_names() -> list[str]:
-    return sorted(BENCHMARKS)
-
-
-def parse_benchmarks(names: Iterable[str], cot: bool = False) -> list[SplitSpec]:
-    """Validate names (``name``, ``name:cot``, ``custom:<path.jsonl>[:cot]``); ``cot`` adds CoT to all."""
-    specs: list[SplitSpec] = []
-    for raw in names:
-        for token in str(raw).split(","):
-            token = token.strip()
-            if not token:
-                continue
-            with_cot = token.endswith(COT_SUFFIX)
-            name = token[: -len(COT_SUFFIX)] if with_cot else token
-            if not name.startswith(CUSTOM_PREFIX) and name not in BENCHMARKS:
-                raise ValueError(
-                    f"unknown benchmark {name!r}; valid names: {', '.join(valid_benchmark_names())}, "
-                    f"or custom:<path.jsonl>; append ':cot' for chain-of-thought prompting"
-                )
-            spec = SplitSpec(name, with_cot or cot)
-            if spec not in specs:
-                specs.append(spec)
-    names_seen = [s.name for s in specs]
-    clash = sorted({n for n in names_seen if names_seen.count(n) > 1})
-    if clash:
-        raise ValueError(f"benchmarks map to the same output name(s) {clash}; rename the custom files")
-    if not specs:
-        raise ValueError("no benchmarks given")
-    return specs
-
-
-@dataclass(frozen=True)
-class Expression:
-    """One scored expression: ``ref.expressions[index]`` against ``ref``'s mask."""
-
-    id: str
-    ref: Reference
-    index: int
-
-    @property
-    def text(self) -> str:
-        return self.ref.expressions[self.index]
-
-    @property
-    def image_key(self) -> str:
-        return self.ref.image_key
-
-
-def build_expressions(refs: Sequence[Reference], spec: SplitSpec, protocol: str, limit: int | None) -> list[Expression]:
-    """Expand, apply protocol rules (``lens`` ReasonSeg: first text only), ``limit``, order by image."""
-    pairs = expand_expressions(refs)
-    if protocol == "lens" and spec.is_reasonseg:
-        pairs = [(ref, i) for ref, i in pairs if i == 0]
-    if limit is not None:
-        pairs = pairs[:limit]
-    exprs = [Expression(f"{ref.ref_id}#{i}", ref, i) for ref, i in pairs]
-    ids = [e.id for e in exprs]
-    if len(set(ids)) != len(ids):
-        dup = next(i for i in ids if ids.count(i) > 1)
-        raise ValueError(f"{spec.benchmark}: duplicate reference id {dup.rsplit('#', 1)[0]!r}")
-    return order_by_image(exprs)
-
-
-def order_by_image(exprs: Sequence[Expression]) -> list[Expression]:
-    """Stable reorder so that expressions of one image are adjacent (images in first-seen order)."""
-    first: dict[str, int] = {}
-    for k, e in enumerate(exprs):
-        first.setdefault(e.image_key, k)
-    return sorted(exprs, key=lambda e: first[e.image_key])
-
-
-def make_batches(n: int, batch_size: int) -> list[list[int]]:
-    """Consecutive index batches over the image-ordered expressions."""
-    return [list(range(s, min(s + batch_size, n))) for s in range(0, n, batch_size)]
-
-
-def shard_batches(batches: Sequence[list[int]], rank: int, world: int) -> list[list[int]]:
-    """Round-robin batches over ranks: every batch goes to exactly one rank, nothing is padded."""
-    return list(batches[rank::world])
-
-
-# ============================================================================ distributed
-
-
-@dataclass
-class DistContext:
-    """Rank information; collectives are no-ops in a single process."""
-
-    rank: int = 0
-    world: int = 1
-    local_rank: int = 0
-    owns_group: bool = False
-
-    @classmethod
-    def from_env(cls, device: str) -> DistContext:
-        """Init the process group when torchrun / accelerate env vars are set (nccl on CUDA, gloo on CPU)."""
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            return cls(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)))
-        if "WORLD_SIZE" not in os.environ or "MASTER_ADDR" not in os.environ:
-            return cls()
-        local_rank = int(os.environ.get("LOCAL_RANK", 0))
-        backend = "nccl" if device.startswith("cuda") else "gloo"
-        if backend == "nccl":
-            torch.cuda.set_device(local_rank)
-        dist.init_process_group(backend, timeout=_dt.timedelta(hours=3))
-        return cls(dist.get_rank(), dist.get_world_size(), local_rank, owns_group=True)
-
-    @property
-    def active(self) -> bool:
-        import torch.distributed as dist
-
-        return self.world > 1 and dist.is_initialized()
-
-    def broadcast(self, obj: Any) -> Any:
-        """Rank 0's ``obj`` on every rank."""
-        if not self.active:
-            return obj
-        import torch.distributed as dist
-
-        box = [obj]
-        dist.broadcast_object_list(box, src=0)
-        return box[0]
-
-    def all_gather(self, obj: Any) -> list[Any]:
-        """Every rank's ``obj`` in rank order."""
-        if not self.active:
-            return [obj]
-        import torch.distributed as dist
-
-        out: list[Any] = [None] * self.world
-        dist.all_gather_object(out, obj)
-        return out
-
-    def close(self) -> None:
-        if self.owns_group:
-            import torch.distributed as dist
-
-            dist.destroy_process_group()
-
-
-def resolve_device(device: str, local_rank: int) -> str:
-    """``auto`` -> ``cuda:<local_rank>`` when CUDA is available, else ``cpu``; bare ``cuda`` gets the local rank."""
-    if device == "auto":
-        return f"cuda:{local_rank}" if torch.cuda.is_available() else "cpu"
-    return f"cuda:{local_rank}" if device == "cuda" else device
-
-
-def resolve_dtype(dtype: str, device: str) -> torch.dtype:
-    """``auto`` -> bfloat16 on CUDA, float32 elsewhere."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.startswith("cuda") else torch.float32
-    return DTYPES[dtype]
-
-
-# ============================================================================ files: atomic JSON, partial records
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file next to ``path``, fsync, then rename over ``path``."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "w", encoding="utf-8") as fh:
-        fh.write(text)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def write_json_atomic(path: Path, obj: Any) -> None:
-    write_atomic(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def partial_path(out: Path, stem: str, rank: int) -> Path:
-    return out / (f"{stem}.partial.jsonl" if rank == 0 else f"{stem}.partial.rank{rank}.jsonl")
-
-
-def partial_files(out: Path, stem: str) -> list[Path]:
-    return sorted(Path(p) for p in glob.glob(str(out / f"{glob.escape(stem)}.partial*.jsonl")))
-
-
-def read_partial(path: Path, signature: dict[str, Any]) -> list[dict[str, Any]]:
-    """Records of one partial file; its header must match ``signature``. A torn last line is dropped."""
-    lines = path.read_text(encoding="utf-8").splitlines()
-    records = []
-    for k, line in enumerate(lines):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            if k == len(lines) - 1:
-                log(f"{path}: dropping an incomplete last line (interrupted write)")
-                continue
-            raise ValueError(f"{path}:{k + 1}: corrupt record line; delete the file or pass --overwrite") from None
-        if "header" in obj:
-            check_signature(obj["header"], signature, path)
-        else:
-            records.append(obj)
-    return records
-
-
-def check_signature(found: dict[str, Any], expected: dict[str, Any], where: Path) -> None:
-    """Refuse to mix records or results made under different settings."""
-    diff = {k: (found.get(k), v) for k, v in expected.items() if found.get(k) != v}
-    if diff:
-        detail = ", ".join(f"{k}: {a!r} there vs {b!r} now" for k, (a, b) in diff.items())
-        raise ValueError(f"{where} was written with different settings ({detail}); "
-                         "pass --overwrite or use another --out")
-
-
-class PartialWriter:
-    """Appends per-batch records (one JSON line each, flushed and fsynced) after a header line."""
-
-    def __init__(self, path: Path, signature: dict[str, Any]) -> None:
-        self.path, self.signature = path, signature
-        self._fh = None
-
-    def write(self, records: Iterable[dict[str, Any]]) -> None:
-        if self._fh is None:
-            new = not self.path.exists() or self.path.stat().st_size == 0
-            self._fh = open(self.path, "a", encoding="utf-8")
-            if new:
-                self._fh.write(json.dumps({"header": self.signature}) + "\n")
-        self._fh.write("".join(json.dumps(r) + "\n" for r in records))
-        self._fh.flush()
-        os.fsync(self._fh.fileno())
-
-    def close(self) -> None:
-        if self._fh is not None:
-            self._fh.close()
-            self._fh = None
-
-
-def split_files(out: Path, stem: str) -> list[Path]:
-    """Everything a split writes (removed by ``--overwrite``)."""
-    files = [out / f"{stem}.json", out / f"{stem}.predictions.jsonl", *partial_files(out, stem)]
-    return [p for p in files if p.exists()]
-
 
 # ============================================================================ per-batch work
 
@@ -443,8 +69,7 @@ def prefetched(batches: Sequence[list[Expression]], load: Callable, depth: int =
     """Yield ``(batch, load(batch))`` while the next ``depth`` batches load in worker threads."""
     with ThreadPoolExecutor(max_workers=depth) as pool:
         queue: deque = deque()
-        it = iter(batches)
-        for batch in it:
+        for batch in batches:
             queue.append((batch, pool.submit(load, batch)))
             if len(queue) > depth:
                 head, future = queue.popleft()
@@ -454,54 +79,66 @@ def prefetched(batches: Sequence[list[Expression]], load: Callable, depth: int =
             yield head, future.result()
 
 
-def encode_rles(masks: np.ndarray) -> list[dict[str, Any]]:
-    """``(G, H, W)`` bool -> compressed COCO RLEs with str counts (one pycocotools call)."""
-    from pycocotools import mask as coco_mask
-
-    rles = coco_mask.encode(np.asfortranarray(masks.transpose(1, 2, 0).astype(np.uint8)))
-    return [{"size": [int(v) for v in r["size"]], "counts": r["counts"].decode("ascii")} for r in rles]
-
-
 def upsample_and_score(
-    logits: torch.Tensor, targets: Sequence[np.ndarray], protocol: str
-) -> tuple[list[int], list[int], list[dict[str, Any]]]:
-    """Upsample each row to its target's size (one interpolate per size), ``> 0``, then I, U and RLE."""
+    logits: torch.Tensor, targets: Sequence[np.ndarray], protocol: str, empty: Sequence[bool] | None = None
+) -> tuple[list[int], list[int], list[int], list[dict[str, Any]]]:
+    """Upsample each row to its target's size (one interpolate per size), ``> 0``, then I, U, area and RLE.
+
+    Rows flagged in ``empty`` (a no-target answer) get an all-zero mask.
+    """
     from lens.modeling.sam import upsample_masks
 
     n = len(targets)
-    inters, unions, rles = [0] * n, [0] * n, [{}] * n
+    inters, unions, areas, rles = [0] * n, [0] * n, [0] * n, [{}] * n
     groups: dict[tuple[int, int], list[int]] = {}
     for k, t in enumerate(targets):
         groups.setdefault(tuple(t.shape), []).append(k)
     for size, idx in groups.items():
         pred = upsample_masks(logits[idx], size) > 0
+        if empty is not None:
+            for row, k in enumerate(idx):
+                if empty[k]:
+                    pred[row] = False
         tgt = torch.from_numpy(np.stack([targets[k] for k in idx])).to(pred.device)
         i, u = intersection_union(pred, tgt, protocol)
-        for k, iv, uv, rle in zip(idx, i.tolist(), u.tolist(), encode_rles(pred.cpu().numpy())):
-            inters[k], unions[k], rles[k] = iv, uv, rle
-    return inters, unions, rles
+        area = pred.flatten(1).sum(1).tolist()
+        for k, iv, uv, av, rle in zip(idx, i.tolist(), u.tolist(), area, encode_rles(pred.cpu().numpy())):
+            inters[k], unions[k], areas[k], rles[k] = iv, uv, int(av), rle
+    return inters, unions, areas, rles
 
 
 def score_batch(
-    out: Any, exprs: Sequence[Expression], targets: Sequence[np.ndarray], protocol: str
+    out: Any, exprs: Sequence[Expression], targets: Sequence[np.ndarray], protocol: str,
+    no_target_ok: bool = False, elapsed: float | None = None,
 ) -> list[dict[str, Any]]:
-    """Per-expression records: I, U, box IoU in LLM pixels (gt converted as upstream), text, RLE."""
-    from lens.data.transforms import box_to_llm_pixels
+    """Per-expression records: I, U, predicted area, box IoU in LLM pixels (gt converted as upstream),
+    the parsed box (LLM and original pixels), text, score, RLE and the expression's share of the batch time.
+
+    ``no_target_ok`` (gRefCOCO): an answer that says "no target" (:func:`lens.prompts.is_no_target_answer`)
+    predicts an empty mask.
+    """
+    from lens.data.transforms import box_from_llm_pixels, box_to_llm_pixels
+    from lens.prompts import is_no_target_answer
 
     for e, t, hw in zip(exprs, targets, out.orig_sizes):
         if tuple(t.shape) != tuple(hw):
             raise ValueError(f"{e.ref.ref_id}: mask size {tuple(t.shape)} differs from image "
                              f"{e.ref.image_path} size {tuple(hw)}")
-    inters, unions, rles = upsample_and_score(out.mask_logits, targets, protocol)
+    empty = [no_target_ok and is_no_target_answer(t) for t in out.texts]
+    inters, unions, areas, rles = upsample_and_score(out.mask_logits, targets, protocol, empty)
     records = []
     for k, e in enumerate(exprs):
         gt = e.ref.target_box(targets[k])
         gt_llm = box_to_llm_pixels(gt, out.orig_sizes[k], out.llm_sizes[k]) if gt is not None else None
+        box_llm = out.boxes_llm[k]
         records.append({
-            "id": e.id, "I": inters[k], "U": unions[k],
-            "box_iou": box_iou(out.boxes_llm[k], gt_llm) if gt_llm is not None else None,
-            "text": out.texts[k], "box_llm": out.boxes_llm[k], "score": float(out.scores[k]),
+            "id": e.id, "I": inters[k], "U": unions[k], "pred_area": areas[k],
+            "box_iou": box_iou(box_llm, gt_llm) if gt_llm is not None else None,
+            "text": out.texts[k], "box_llm": box_llm,
+            "box": box_from_llm_pixels(box_llm, out.llm_sizes[k], out.orig_sizes[k]) if box_llm else None,
+            "gt_box_llm": gt_llm, "score": float(out.scores[k]),
             "orig_hw": list(out.orig_sizes[k]), "llm_hw": list(out.llm_sizes[k]), "rle": rles[k],
+            "no_target_answer": empty[k], "time_s": None if elapsed is None else elapsed / len(exprs),
         })
     return records
 
@@ -527,13 +164,15 @@ def run_batches(
     protocol: str,
     writer: PartialWriter,
     progress: Any,
+    no_target_ok: bool = False,
 ) -> list[dict[str, Any]]:
     """Run, score and record ``batches`` (lists of indices into ``exprs``)."""
     records: list[dict[str, Any]] = []
     for batch, (images, targets) in prefetched([[exprs[i] for i in b] for b in batches], load_batch):
         keys = [e.image_key for e in batch]
+        start = time.perf_counter()
         out = segmenter.run_batch(images, [e.text for e in batch], cot=cot, image_keys=keys)
-        new = score_batch(out, batch, targets, protocol)
+        new = score_batch(out, batch, targets, protocol, no_target_ok, time.perf_counter() - start)
         writer.write(new)
         records.extend(new)
         progress.update(len(batch))
@@ -566,6 +205,10 @@ class SplitRun:
 
     def signature(self) -> dict[str, Any]:
         """Settings that must match to reuse finished results or partial records."""
+        if self.cfg.predictions:
+            return {"model": self.cfg.label, "benchmark": self.spec.benchmark, "cot": self.spec.cot,
+                    "protocol": self.cfg.protocol, "limit": self.cfg.limit,
+                    "predictions": str(Path(self.cfg.predictions).resolve()), "allow_missing": self.cfg.allow_missing}
         return {
             "model": model_name(str(self.cfg.model)), "benchmark": self.spec.benchmark, "cot": self.spec.cot,
             "template": self.spec.template, "protocol": self.cfg.protocol, "limit": self.cfg.limit,
@@ -608,12 +251,19 @@ def evaluate_split(run: SplitRun, get_segmenter: Callable[[], Any]) -> dict[str,
     batches = [kept for b in mine if (kept := [i for i in b if exprs[i].id not in done])]
     segmenter = get_segmenter() if batches else None
     start = time.perf_counter()
-    gathered = ctx.all_gather(compute_records(run, segmenter, exprs, batches))
+    gathered = ctx.all_gather(compute_records(run, segmenter, exprs, batches, allows_no_target(spec, refs)))
     elapsed = time.perf_counter() - start
     result = None
     if ctx.rank == 0:
         computed = [r for part in gathered for r in part]
-        result = finish_split(run, exprs, plan["records"], computed, elapsed)
+        by_id = dict(plan["records"])
+        for rec in computed:
+            by_id.setdefault(rec["id"], rec)
+        missing = [e.id for e in exprs if e.id not in by_id]
+        if missing:
+            raise RuntimeError(f"{run.stem}: {len(missing)} expression(s) have no record (e.g. {missing[0]!r})")
+        result = finish_split(run, exprs, [by_id[e.id] for e in exprs], allows_no_target(spec, refs),
+                              len(computed), elapsed)
     return ctx.broadcast(result)
 
 
@@ -626,8 +276,11 @@ def check_resumed_ids(done: set[str], exprs: Sequence[Expression], run: SplitRun
         )
 
 
-def compute_records(run: SplitRun, segmenter: Any, exprs: Sequence[Expression], batches: list[list[int]]) -> list[dict]:
+def compute_records(run: SplitRun, segmenter: Any, exprs: Sequence[Expression], batches: list[list[int]],
+                    no_target_ok: bool = False) -> list[dict]:
     """This rank's batches, with a tqdm bar on rank 0 and records appended to its partial file."""
+    import sys
+
     from tqdm.auto import tqdm
 
     if not batches:
@@ -640,29 +293,47 @@ def compute_records(run: SplitRun, segmenter: Any, exprs: Sequence[Expression], 
                  llm_longest_side=run.spec.llm_longest_side)
     try:
         with configured(segmenter, **attrs):
-            return run_batches(segmenter, exprs, batches, run.spec.cot, run.cfg.protocol, writer, progress)
+            return run_batches(segmenter, exprs, batches, run.spec.cot, run.cfg.protocol, writer, progress,
+                               no_target_ok)
     finally:
         writer.close()
         progress.close()
 
 
+def with_target_info(e: Expression, rec: dict[str, Any]) -> dict[str, Any]:
+    """The record plus the ground-truth facts GRES needs (``no_target``, ``target_count``, ``pred_area``)."""
+    rec = dict(rec)
+    rec["no_target"] = bool(e.ref.meta.get("no_target", False))
+    rec["target_count"] = e.ref.meta.get("target_count")
+    if rec.get("pred_area") is None:  # records written before the area was kept: recompute it from the RLE
+        from pycocotools import mask as coco_mask
+
+        counts = rec["rle"]["counts"]
+        rec["pred_area"] = int(coco_mask.area({"size": rec["rle"]["size"], "counts": counts.encode("ascii")}))
+    return rec
+
+
 def finish_split(
-    run: SplitRun, exprs: Sequence[Expression], resumed: dict[str, dict], computed: list[dict], elapsed: float
+    run: SplitRun, exprs: Sequence[Expression], records: list[dict], no_target_ok: bool, n_computed: int,
+    elapsed: float, extra: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Rank 0: merge, order, compute metrics, write ``<split>.json`` (+ predictions, overlays)."""
-    by_id = dict(resumed)
-    for rec in computed:
-        by_id.setdefault(rec["id"], rec)
-    missing = [e.id for e in exprs if e.id not in by_id]
-    if missing:
-        raise RuntimeError(f"{run.stem}: {len(missing)} expression(s) have no record (e.g. {missing[0]!r})")
-    records = [by_id[e.id] for e in exprs]
+    """Rank 0: metrics of ``records`` (one per ``exprs`` entry, same order), write ``<split>.json``
+    (+ predictions, overlays)."""
+    records = [with_target_info(e, r) for e, r in zip(exprs, records)]
     metrics = SegmentationMetrics.from_records(records, run.cfg.protocol).compute()
-    result = split_result(run, metrics, len(computed), elapsed)
+    result = split_result(run, metrics, n_computed, elapsed)
+    if no_target_ok:
+        result["gres"] = gres_metrics(records)
+    bvm = box_mask_analysis(records)
+    if bvm is not None:
+        result["box_vs_mask"] = bvm
+    result.update(extra or {})
     if run.cfg.save_predictions:
-        write_predictions(run.out / f"{run.stem}.predictions.jsonl", exprs, records)
+        lines = [json.dumps(prediction_line(run.spec, e, r)) for e, r in zip(exprs, records)]
+        write_atomic(run.out / f"{run.stem}.predictions.jsonl", "".join(line + "\n" for line in lines))
     if run.cfg.save_overlays:
-        save_overlays(run.out / "overlays" / run.stem, exprs, records, run.cfg.save_overlays, run.cfg.protocol)
+        save_overlays(run.out / "overlays" / run.stem, exprs, records, run.cfg.save_overlays, run.cfg.protocol,
+                      run.cfg.overlays_filter)
     write_json_atomic(run.json_path, result)
     log(f"{run.stem}: n={result['n']} cIoU={result['ciou']:.4f} gIoU={result['giou']:.4f} -> {run.json_path}")
     return result
@@ -672,7 +343,8 @@ def split_result(run: SplitRun, metrics: dict[str, Any], n_computed: int, elapse
     spec, cfg = run.spec, run.cfg
     return {
         "name": spec.name, "benchmark": spec.benchmark, "dataset": spec.dataset, "split": spec.split,
-        "cot": spec.cot, "template": spec.template, "protocol": cfg.protocol, "model": str(cfg.model),
+        "cot": spec.cot, "template": spec.template, "protocol": cfg.protocol,
+        "model": str(cfg.model) if cfg.model else cfg.label,
         "n": metrics["n"], "ciou": metrics["ciou"], "giou": metrics["giou"],
         "box_acc": metrics["box_acc"], "box_miou": metrics["box_miou"], "n_box": metrics["n_box"],
         "time_s": elapsed, "n_computed": n_computed,
@@ -682,59 +354,6 @@ def split_result(run: SplitRun, metrics: dict[str, Any], n_computed: int, elapse
         "finished_at": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds"),
         "signature": run.signature(),
     }
-
-
-# ============================================================================ predictions and overlays
-
-
-def write_predictions(path: Path, exprs: Sequence[Expression], records: Sequence[dict]) -> None:
-    """One JSON line per expression: ids, expression, answer text, boxes (LLM and original px), IoU, RLE."""
-    from lens.data.transforms import box_from_llm_pixels
-
-    lines = []
-    for e, r in zip(exprs, records):
-        box = box_from_llm_pixels(r["box_llm"], r["llm_hw"], r["orig_hw"]) if r["box_llm"] else None
-        lines.append(json.dumps({
-            "id": e.id, "ref_id": e.ref.ref_id, "image": str(e.ref.image_path), "expression": e.text,
-            "text": r["text"], "box_llm": r["box_llm"], "box": box, "score": r["score"],
-            "I": r["I"], "U": r["U"], "iou": expression_iou(r["I"], r["U"]), "box_iou": r["box_iou"], "mask": r["rle"],
-        }))
-    write_atomic(path, "\n".join(lines) + "\n")
-
-
-def pick_extremes(records: Sequence[dict], k: int) -> list[tuple[str, int, int]]:
-    """``(kind, position, index)`` of the ``k`` best and ``k`` worst expressions by IoU (ties: earlier first)."""
-    ious = np.array([expression_iou(r["I"], r["U"]) for r in records])
-    best = np.argsort(-ious, kind="stable")[:k]
-    worst = np.argsort(ious, kind="stable")[:k]
-    return [("best", p, int(i)) for p, i in enumerate(best)] + [("worst", p, int(i)) for p, i in enumerate(worst)]
-
-
-def save_overlays(folder: Path, exprs: Sequence[Expression], records: Sequence[dict], k: int, protocol: str) -> None:
-    """PNG per picked expression: prediction overlay (left) next to the ground truth (right)."""
-    from PIL import Image
-    from pycocotools import mask as coco_mask
-
-    from lens.data.transforms import box_from_llm_pixels
-    from lens.evaluation.metrics import foreground_mask
-    from lens.visualize import overlay
-
-    folder.mkdir(parents=True, exist_ok=True)
-    for kind, pos, i in pick_extremes(records, k):
-        e, r = exprs[i], records[i]
-        image, raw = e.ref.load_image(), e.ref.load_mask()
-        rle = {"size": r["rle"]["size"], "counts": r["rle"]["counts"].encode("ascii")}
-        pred = coco_mask.decode(rle).astype(bool)
-        box = box_from_llm_pixels(r["box_llm"], r["llm_hw"], r["orig_hw"]) if r["box_llm"] else None
-        iou = expression_iou(r["I"], r["U"])
-        left = overlay(image, pred, box, f"IoU {iou:.3f} | {e.text} -> {r['text']}")
-        gt = foreground_mask(torch.from_numpy(raw), protocol)[0].numpy()
-        right = overlay(image, gt, e.ref.target_box(raw), f"GT | {e.text}")
-        canvas = Image.new("RGB", (left.width * 2, left.height))
-        canvas.paste(left, (0, 0))
-        canvas.paste(right, (left.width, 0))
-        safe = re.sub(r"[^A-Za-z0-9_.+-]", "_", e.id)
-        canvas.save(folder / f"{kind}_{pos:02d}_iou{iou:.3f}_{safe}.png")
 
 
 # ============================================================================ whole run
@@ -768,10 +387,15 @@ def run_evaluation(cfg: EvalConfig, segmenter: Any = None) -> dict[str, dict]:
     """Evaluate every benchmark of ``cfg``; returns ``{split name: result}`` (also on non-zero ranks).
 
     ``segmenter``: an already loaded :class:`~lens.inference.Segmenter` (else built from ``cfg.model``
-    on first need, so re-rendering finished results loads no model).
+    on first need, so re-rendering finished results loads no model). With ``cfg.predictions`` no
+    model is used at all.
     """
     cfg.validate()
-    specs = parse_benchmarks(cfg.benchmarks, cfg.cot)
+    if cfg.predictions:
+        from lens.evaluation.from_predictions import run_predictions
+
+        return run_predictions(cfg)
+    specs = parse_benchmarks(cfg.benchmarks or EVAL_BENCHMARKS, cfg.cot)
     device0 = resolve_device(cfg.device, int(os.environ.get("LOCAL_RANK", 0)))
     ctx = DistContext.from_env(device0)
     try:
@@ -800,13 +424,13 @@ def run_evaluation(cfg: EvalConfig, segmenter: Any = None) -> dict[str, dict]:
         ctx.close()
 
 
-def write_summary(out: Path, cfg: EvalConfig, results: dict[str, dict]) -> None:
+def write_summary(out: Path, cfg: EvalConfig, results: dict[str, dict], extra: dict[str, Any] | None = None) -> None:
     """``results<suffix>.json`` and the paper-style ``results<suffix>.md``."""
     from lens.evaluation.report import results_markdown
 
-    name = model_name(str(cfg.model))
-    merged = collect_results(out, cfg.suffix, results, name, cfg.protocol)
-    summary = {"model": str(cfg.model), "protocol": cfg.protocol, "limit": cfg.limit, "splits": merged}
+    merged = collect_results(out, cfg.suffix, results, cfg.label, cfg.protocol)
+    label = str(cfg.model) if cfg.model else cfg.label
+    summary = {"model": label, "protocol": cfg.protocol, "limit": cfg.limit, **(extra or {}), "splits": merged}
     write_json_atomic(out / f"results{cfg.suffix}.json", summary)
-    write_atomic(out / f"results{cfg.suffix}.md", results_markdown(merged, str(cfg.model), cfg.protocol, cfg.limit))
+    write_atomic(out / f"results{cfg.suffix}.md", results_markdown(merged, label, cfg.protocol, cfg.limit))
     log(f"wrote {out / f'results{cfg.suffix}.json'} and results{cfg.suffix}.md")
