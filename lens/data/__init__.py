@@ -1,4 +1,4 @@
-"""Data: Reference records, loaders for REFER / ReasonSeg / GroundingSuite / custom JSONL,
+"""Data: Reference records, loaders for REFER / gRefCOCO / ReasonSeg / GroundingSuite / custom JSONL,
 synthetic scenes, transforms and torch datasets.
 
 Heavy dependencies (torch, qwen_vl_utils) load lazily; import the torch dataset from
@@ -7,6 +7,7 @@ Heavy dependencies (torch, qwen_vl_utils) load lazily; import the torch dataset 
 
 from lens.data.base import CocoMask, Reference
 from lens.data.custom import load_custom, write_custom_jsonl
+from lens.data.grefcoco import load_grefcoco
 from lens.data.groundingsuite import load_groundingsuite
 from lens.data.reasonseg import load_reasonseg
 from lens.data.refer import load_refer
@@ -19,6 +20,7 @@ __all__ = [
     "Reference",
     "load_benchmark",
     "load_custom",
+    "load_grefcoco",
     "load_groundingsuite",
     "load_reasonseg",
     "load_refer",

@@ -44,12 +44,37 @@ class CocoMask:
         return decode_segmentation(self.segmentation, h, w, combine=self.combine, what=self.what)
 
 
+@dataclass(frozen=True, slots=True)
+class UnionMask:
+    """Union (0/1) of several annotations' masks, e.g. a multi-target gRefCOCO expression.
+
+    Each annotation's polygon parts / RLE parts are OR-ed, then the annotations are OR-ed (GRES's
+    ``merged[merged > 1] = 1``). With no segmentations (a no-target expression) it returns an
+    all-zero mask of the image size.
+    """
+
+    segmentations: tuple[Segmentation, ...]
+    height: int | None = None
+    width: int | None = None
+    what: str = "segmentations"
+
+    def load(self, image_path: Path) -> np.ndarray:
+        h, w = (self.height, self.width) if self.height and self.width else image_size(image_path)
+        mask = np.zeros((h, w), dtype=np.uint8)
+        for k, seg in enumerate(self.segmentations):
+            mask |= decode_segmentation(seg, h, w, combine="union", what=f"{self.what} target {k}")
+        return mask
+
+
 @dataclass(slots=True)
 class Reference:
-    """One referred target. ``box`` is xyxy in original pixels, or ``None`` = derive from the mask.
+    """One referred target (or target set). ``box`` is xyxy in original pixels, or ``None`` =
+    derive from the mask.
 
     ``load_mask()`` returns ``np.uint8 (H, W)`` with RAW values (0 bg, 1 target, >=2 overlap of
-    summed polygon parts, 255 ignore), see docs/CONTRACTS.md.
+    summed polygon parts, 255 ignore), see docs/CONTRACTS.md. Generalized references (gRefCOCO)
+    carry ``meta["target_count"]`` (k >= 0) and ``meta["no_target"]`` (True when k == 0: the mask
+    is all zeros and ``box`` is ``None``); other loaders omit both (read them as 1 and False).
     """
 
     ref_id: str

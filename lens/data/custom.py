@@ -11,7 +11,10 @@ One JSON object a line::
      "swap_expressions": ["..."],            # optional: expressions naming OTHER objects
      "meta": {...}}                          # optional free-form dict
 
-Unlike REFER, polygon parts are OR-ed (mask values are 0/1 only).
+Unlike REFER, polygon parts are OR-ed (mask values are 0/1 only). Polygon parts with fewer than 3
+points are dropped (at least one part needs >= 3). The file may start with a UTF-8 byte-order mark
+(or be UTF-16 with one) and use CRLF line ends; an image missing under its stored name is looked up
+under another extension or letter case.
 """
 
 from __future__ import annotations
@@ -21,6 +24,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from lens.data.base import CocoMask, Reference, require
+from lens.data.files import iter_jsonl, resolve_image
 from lens.data.masks import segmentation_size, validate_segmentation
 
 FIELDS = ("image", "expressions", "mask", "polygons", "box", "id", "swap_expressions", "meta")
@@ -33,23 +37,19 @@ def load_custom(jsonl_path: str | Path, *, check_images: bool = True) -> list[Re
     require(jsonl_path, jsonl_path.parent, EXPECTED, "custom JSONL file")
     refs: list[Reference] = []
     seen: dict[str, int] = {}
-    with open(jsonl_path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{jsonl_path}:{line_no}"
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
-            validate_record(record, where)
+    for line_no, record in iter_jsonl(jsonl_path):
+        where = f"{jsonl_path}:{line_no}"
+        validate_record(record, where)
+        try:
             ref = _reference(record, jsonl_path, line_no)
-            if ref.ref_id in seen:
-                raise ValueError(f"{where}: field 'id' {ref.ref_id!r} already used on line {seen[ref.ref_id]}")
-            seen[ref.ref_id] = line_no
-            if check_images and not Path(ref.image_path).is_file():
-                raise FileNotFoundError(f"{where}: field 'image': file not found: {ref.image_path}")
-            refs.append(ref)
+        except FileNotFoundError as exc:  # an ambiguous image name
+            raise FileNotFoundError(f"{where}: field 'image': {exc}") from None
+        if ref.ref_id in seen:
+            raise ValueError(f"{where}: field 'id' {ref.ref_id!r} already used on line {seen[ref.ref_id]}")
+        seen[ref.ref_id] = line_no
+        if check_images and not Path(ref.image_path).is_file():
+            raise FileNotFoundError(f"{where}: field 'image': file not found: {ref.image_path}")
+        refs.append(ref)
     return refs
 
 
@@ -96,7 +96,7 @@ def write_custom_jsonl(path: str | Path, records: Iterable[dict[str, Any]]) -> P
 
 def _reference(record: dict[str, Any], jsonl_path: Path, line_no: int) -> Reference:
     image = Path(record["image"])
-    image = image if image.is_absolute() else jsonl_path.parent / image
+    image = resolve_image(image if image.is_absolute() else jsonl_path.parent / image)
     seg = record.get("mask", record.get("polygons"))
     hw = segmentation_size(seg) or (None, None)
     meta = dict(record.get("meta", {}))

@@ -5,16 +5,19 @@ Expected layout (upstream ``datasets/``)::
     GroundingSuite-Eval.jsonl   one object a line: image_path, box [x1,y1,x2,y2], segmentation, caption
     coco/unlabeled2017/<image_path>
 
-``segmentation`` is an RLE dict (``counts`` as str) or a polygon list; parts are summed like REFER.
+``segmentation`` is an RLE dict (``counts`` as a str, or an uncompressed list of run lengths), a
+list of RLE dicts, or a polygon list; parts are summed like REFER. The file may start with a UTF-8
+byte-order mark and use CRLF line ends; errors name ``file:line`` and the field. Images may be
+stored under another extension or letter case.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Callable
 
 from lens.data.base import CocoMask, Reference, layout_error, require
+from lens.data.files import iter_jsonl, resolve_image
 from lens.data.masks import segmentation_size, validate_segmentation
 
 DEFAULT_JSONL = "GroundingSuite-Eval.jsonl"
@@ -55,11 +58,7 @@ def load_groundingsuite(
     image_root = Path(image_root) if image_root is not None else root / DEFAULT_IMAGE_DIR
     require(image_root, root, EXPECTED_TREE, "GroundingSuite image directory")
     clean = clean_caption_upstream if upstream_caption_cleanup else str
-    refs = []
-    with open(jsonl_path, encoding="utf-8") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if line.strip():
-                refs.append(_reference(line, line_no, jsonl_path, image_root, clean))
+    refs = [_reference(item, line_no, jsonl_path, image_root, clean) for line_no, item in iter_jsonl(jsonl_path)]
     if check_images:
         missing = [r for r in refs if not Path(r.image_path).is_file()]
         if missing:
@@ -68,27 +67,28 @@ def load_groundingsuite(
     return refs
 
 
-def _reference(line: str, line_no: int, jsonl_path: Path, image_root: Path, clean: Callable[[str], str]) -> Reference:
+def _reference(item: object, line_no: int, jsonl_path: Path, image_root: Path,
+               clean: Callable[[str], str]) -> Reference:
     where = f"{jsonl_path}:{line_no}"
-    try:
-        item = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{where}: invalid JSON ({exc})") from exc
     if not isinstance(item, dict):
         raise ValueError(f"{where}: expected a JSON object")
     for key, kind in (("image_path", str), ("caption", str), ("box", list)):
         if not isinstance(item.get(key), kind):
             raise ValueError(f"{where}: field {key!r} must be a {kind.__name__}, got {item.get(key)!r}")
     box = item["box"]
-    if len(box) != 4 or not all(isinstance(v, (int, float)) for v in box):
+    if len(box) != 4 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box):
         raise ValueError(f"{where}: field 'box' must be [x1, y1, x2, y2], got {box!r}")
     seg = item.get("segmentation")
     validate_segmentation(seg, f"{where} field 'segmentation' (id={item.get('id', line_no)})")
     hw = segmentation_size(seg) or (None, None)
     ref_id = f"groundingsuite/{item['id']}" if "id" in item else f"groundingsuite/{line_no - 1}"
+    try:
+        image_path = _resolve(item["image_path"], image_root, jsonl_path.parent)
+    except FileNotFoundError as exc:  # an ambiguous image name
+        raise FileNotFoundError(f"{where}: field 'image_path': {exc}") from None
     return Reference(
         ref_id=ref_id,
-        image_path=_resolve(item["image_path"], image_root, jsonl_path.parent),
+        image_path=image_path,
         expressions=[clean(item["caption"])],
         box=tuple(float(v) for v in box),
         source="groundingsuite",
@@ -98,10 +98,13 @@ def _reference(line: str, line_no: int, jsonl_path: Path, image_root: Path, clea
 
 
 def _resolve(image_path: str, image_root: Path, jsonl_dir: Path) -> Path:
+    """Under ``image_root`` (or absolute), else beside the JSONL; other extensions / case tried."""
     path = Path(image_path)
     if path.is_absolute():
-        return path
-    primary = image_root / path
-    if not primary.is_file() and (jsonl_dir / path).is_file():
-        return jsonl_dir / path
+        return resolve_image(path)
+    primary = resolve_image(image_root / path)
+    if not primary.is_file():
+        beside = resolve_image(jsonl_dir / path)
+        if beside.is_file():
+            return beside
     return primary

@@ -9,18 +9,23 @@ Expected layout under ``root`` (upstream ``datasets/``)::
       images/mscoco/images/train2014/COCO_train2014_{image_id:012d}.jpg
 
 The pickle is read with a restricted unpickler that only builds plain builtin containers/scalars.
+The original pickles were written by Python 2 (``refer`` API), where text is a byte string: such
+strings are decoded as UTF-8 when valid, else as latin-1 (never lossy); Python 3 pickles load as
+they are. ``instances.json`` may carry a UTF-8 byte-order mark. Images are looked up as
+``COCO_train2014_{image_id:012d}.jpg``, then under another extension or letter case (``.JPG``,
+``.png``), then by the ``file_name`` of the ref or of the image entry.
 """
 
 from __future__ import annotations
 
 import builtins
-import json
 import pickle
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from lens.data.base import CocoMask, Reference, layout_error, require
+from lens.data.files import read_json, resolve_image
 from lens.data.masks import segmentation_size, validate_segmentation
 
 DATASETS = ("refcoco", "refcoco+", "refcocog")
@@ -45,6 +50,10 @@ def expected_tree(dataset: str = "refcoco", split_by: str | None = None) -> str:
     )
 
 
+class _Bytes(bytes):
+    """Marks bytes that were bytes in the writer (Python 3 ``bytes``), not Python 2 text."""
+
+
 class _SafeUnpickler(pickle.Unpickler):
     """Unpickler that refuses every global except plain builtin types."""
 
@@ -59,17 +68,47 @@ class _SafeUnpickler(pickle.Unpickler):
 def _latin1_encode(text: str, encoding: str = "latin1") -> bytes:
     if encoding not in ("latin1", "latin-1"):
         raise pickle.UnpicklingError(f"unsafe pickle: refusing _codecs.encode with encoding {encoding!r}")
-    return text.encode("latin1")
+    return _Bytes(text.encode("latin1"))
+
+
+def py2_text(raw: bytes) -> str:
+    """A Python 2 byte string as text: UTF-8 when it is valid UTF-8, else latin-1 (every byte maps)."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _fix_text(obj: Any) -> Any:
+    """Replace Python 2 byte strings (loaded as plain ``bytes``) by text, recursively; real bytes stay."""
+    if type(obj) is bytes:
+        return py2_text(obj)
+    if isinstance(obj, _Bytes):
+        return bytes(obj)
+    if isinstance(obj, list):
+        return [_fix_text(v) for v in obj]
+    if isinstance(obj, dict):
+        return {_fix_text(k): _fix_text(v) for k, v in obj.items()}
+    if isinstance(obj, tuple):
+        return tuple(_fix_text(v) for v in obj)
+    if isinstance(obj, (set, frozenset)):
+        return type(obj)(_fix_text(v) for v in obj)
+    return obj
 
 
 def safe_load_pickle(path: str | Path) -> Any:
-    """Load a pickle holding only builtin data; raise ``ValueError`` naming ``path`` otherwise."""
+    """Load a pickle holding only builtin data; raise ``ValueError`` naming ``path`` otherwise.
+
+    Python 2 ``str`` values (and keys) become text via :func:`py2_text`; Python 2 ``unicode`` and
+    Python 3 ``str`` are text already.
+    """
     path = Path(path)
     try:
         with open(path, "rb") as fh:
-            return _SafeUnpickler(fh, encoding="utf-8", errors="replace").load()
-    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError) as exc:
+            data = _SafeUnpickler(fh, encoding="bytes").load()
+    except (pickle.UnpicklingError, EOFError, AttributeError, ImportError, IndexError, TypeError, ValueError) as exc:
         raise ValueError(f"cannot load refs pickle {path}: {exc}") from exc
+    return _fix_text(data)
 
 
 def split_matches(ref_split: str, wanted: str | None) -> bool:
@@ -110,7 +149,7 @@ def load_refer(
     refs = safe_load_pickle(refs_path)
     if not isinstance(refs, list):
         raise ValueError(f"{refs_path}: expected a list of ref dicts, got {type(refs).__name__}")
-    images, anns, cats = _load_instances(str(inst_path), inst_path.stat().st_mtime_ns)
+    images, anns, cats = load_instances(inst_path)
 
     out: list[Reference] = []
     resolved: dict[int, Path] = {}
@@ -124,15 +163,32 @@ def load_refer(
     return out
 
 
-def _check_ref(ref: Any, index: int, path: Path) -> None:
+def _check_ref(ref: Any, index: int, path: Path, *, ann_list: bool = False) -> None:
+    """Field checks shared with the gRefCOCO loader (``ann_list``: ``ann_id`` may be a list)."""
     if not isinstance(ref, dict):
         raise ValueError(f"{path}: ref #{index} is a {type(ref).__name__}, expected a dict")
     missing = [k for k in ("ref_id", "ann_id", "image_id", "split", "sentences") if k not in ref]
     if missing:
         raise ValueError(f"{path}: ref #{index} (ref_id={ref.get('ref_id')}) lacks fields {missing}")
+    where = f"{path}: ref #{index} (ref_id={ref['ref_id']})"
+    for key in ("image_id",) if ann_list else ("image_id", "ann_id"):
+        if not _is_id(ref[key]):
+            raise ValueError(f"{where}: field {key!r} must be an integer id, got {ref[key]!r}")
+    if ann_list and not (_is_id(ref["ann_id"]) or (isinstance(ref["ann_id"], list)
+                                                   and all(_is_id(a) for a in ref["ann_id"]))):
+        raise ValueError(f"{where}: field 'ann_id' must be an integer id or a list of them, got {ref['ann_id']!r}")
+    if not isinstance(ref["split"], str):
+        raise ValueError(f"{where}: field 'split' must be a string, got {ref['split']!r}")
     sents = ref["sentences"]
     if not isinstance(sents, list) or not sents or not all(isinstance(s, dict) and "sent" in s for s in sents):
-        raise ValueError(f"{path}: ref_id={ref['ref_id']} needs a non-empty 'sentences' list of {{'sent': ...}}")
+        raise ValueError(f"{where}: field 'sentences' must be a non-empty list of {{'sent': ...}}")
+    for k, sent in enumerate(sents):
+        if not isinstance(sent["sent"], str):
+            raise ValueError(f"{where}: field 'sentences[{k}].sent' must be a string, got {sent['sent']!r}")
+
+
+def _is_id(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
 
 
 def _make_reference(
@@ -188,13 +244,17 @@ def _make_reference(
 
 
 def _resolve_image(image_dir: Path, image_id: int, *file_names: str | None) -> Path:
-    """Upstream name from the image id; else a ``file_name`` (ref's, then image entry's) that exists."""
+    """Upstream name from the image id (any extension / case); else a ``file_name`` (ref's, then the
+    image entry's) that exists, also under another extension or case."""
     default = image_dir / f"COCO_train2014_{image_id:012d}.jpg"
-    if default.is_file():
-        return default
+    found = resolve_image(default)
+    if found.is_file():
+        return found
     for name in file_names:
-        if name and (image_dir / name).is_file():
-            return image_dir / name
+        if isinstance(name, str) and name:
+            found = resolve_image(image_dir / name)
+            if found.is_file():
+                return found
     return default
 
 
@@ -207,17 +267,30 @@ def _check_images_exist(refs: list[Reference], root: Path, tree: str) -> None:
         raise layout_error(Path(missing[0]), root, tree + listing, "image")
 
 
+def load_instances(path: str | Path) -> tuple[dict[int, dict], dict[int, dict], dict[int, str]]:
+    """``instances.json`` as id-indexed images, annotations and category names (cached per file
+    modification time; errors name the file, the entry and the field)."""
+    path = Path(path)
+    return _load_instances(str(path), path.stat().st_mtime_ns)
+
+
 @lru_cache(maxsize=2)
 def _load_instances(path: str, mtime_ns: int) -> tuple[dict[int, dict], dict[int, dict], dict[int, str]]:
-    """Parse ``instances.json`` into id-indexed images, annotations and category names (cached)."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = json.load(fh)
-    except json.JSONDecodeError as exc:
-        raise ValueError(f"{path}: invalid JSON ({exc})") from exc
-    if not isinstance(data, dict) or "annotations" not in data:
-        raise ValueError(f"{path}: expected a COCO dict with 'images', 'annotations', 'categories'")
-    images = {int(im["id"]): im for im in data.get("images", [])}
-    anns = {int(a["id"]): a for a in data["annotations"]}
-    cats = {int(c["id"]): str(c.get("name")) for c in data.get("categories", [])}
+    data, _ = read_json(path, ("utf-8",), "COCO instances.json")
+    if not isinstance(data, dict) or not isinstance(data.get("annotations"), list):
+        raise ValueError(f"{path}: expected a COCO dict with 'images', 'annotations', 'categories' lists")
+    tables = []
+    for key in ("images", "annotations", "categories"):
+        entries = data.get(key, [])
+        if not isinstance(entries, list):
+            raise ValueError(f"{path}: field {key!r} must be a list, got {type(entries).__name__}")
+        table = {}
+        for i, entry in enumerate(entries):
+            if not isinstance(entry, dict) or not _is_id(entry.get("id")):
+                got = entry.get("id") if isinstance(entry, dict) else entry
+                raise ValueError(f"{path}: {key}[{i}] field 'id' must be an integer id, got {got!r}")
+            table[entry["id"]] = entry
+        tables.append(table)
+    images, anns, cat_entries = tables
+    cats = {cid: str(c.get("name")) for cid, c in cat_entries.items()}
     return images, anns, cats

@@ -4,6 +4,7 @@ Default ``data_root`` layout::
 
     datasets/
       refer_seg/{refcoco,refcoco+,refcocog}/refs(unc|umd).p, instances.json
+      refer_seg/grefcoco/grefs(unc).json, instances.json
       refer_seg/images/mscoco/images/train2014/COCO_train2014_{id:012d}.jpg
       reason_seg/ReasonSeg/{train,val,test}/*.jpg + *.json
       GroundingSuite-Eval.jsonl
@@ -18,6 +19,7 @@ from typing import Any, Callable
 
 from lens.data.base import Reference
 from lens.data.custom import load_custom
+from lens.data.grefcoco import load_grefcoco
 from lens.data.groundingsuite import DEFAULT_IMAGE_DIR, DEFAULT_JSONL, load_groundingsuite
 from lens.data.reasonseg import load_reasonseg
 from lens.data.refer import load_refer
@@ -30,6 +32,10 @@ Loader = Callable[..., list[Reference]]
 
 def _refer(data_root: Path, *, dataset: str, split: str, **kw: Any) -> list[Reference]:
     return load_refer(data_root, dataset, split, **kw)
+
+
+def _grefcoco(data_root: Path, *, split: str, **kw: Any) -> list[Reference]:
+    return load_grefcoco(data_root, split, **kw)
 
 
 def _reasonseg(data_root: Path, *, split: str, **kw: Any) -> list[Reference]:
@@ -47,6 +53,8 @@ def _build() -> dict[str, Loader]:
                        ("refcocog", ("val", "test"))):
         for split in ("train",) + splits:
             table[f"{ds}_{split}"] = partial(_refer, dataset=ds, split=split)
+    for split in ("train", "val", "testA", "testB"):
+        table[f"grefcoco_{split}"] = partial(_grefcoco, split=split)
     for split in ("train", "val", "test"):
         table[f"reasonseg_{split}"] = partial(_reasonseg, split=split)
     table["groundingsuite"] = partial(_groundingsuite)
@@ -58,6 +66,7 @@ BENCHMARKS: dict[str, Loader] = _build()
 EVAL_BENCHMARKS: tuple[str, ...] = (
     "refcoco_val", "refcoco_testA", "refcoco_testB", "refcoco+_val", "refcoco+_testA", "refcoco+_testB",
     "refcocog_val", "refcocog_test", "reasonseg_val", "reasonseg_test", "groundingsuite",
+    "grefcoco_val", "grefcoco_testA", "grefcoco_testB",
 )
 
 

@@ -2,18 +2,25 @@
 
 Each scene holds 2-4 disjoint flat-coloured shapes on a neutral background (solid, gradient or
 mild noise). Expressions come from a small closed grammar (:func:`parse_expression` reads it back)
-and every one is checked to select exactly one object of its image (:func:`resolve`).
+and every one is checked to select exactly one object of its image (:func:`resolve`), except in the
+gRefCOCO files, whose expressions select one object, several ("all the red shapes", kind
+``group``) or none ("the green star" in an image without one).
 
 Layout written under ``out`` (the upstream ``datasets/`` layout, so the default loaders read it)::
 
     refer_seg/{refcoco,refcoco+}/refs(unc).p + instances.json    splits train/val/testA/testB
     refer_seg/refcocog/refs(umd).p + instances.json              splits train/val/test
+    refer_seg/grefcoco/grefs(unc).json + instances.json          splits train/val/testA/testB (GRES)
     refer_seg/images/mscoco/images/train2014/COCO_train2014_{id:012d}.jpg
     reason_seg/ReasonSeg/{train,val,test}/synth_{split}_{i:04d}.jpg + .json
     GroundingSuite-Eval.jsonl + coco/unlabeled2017/{id:012d}.jpg  (val + test scenes)
     custom/{train,val,test}.jsonl + custom/images/{split}_{i:04d}.jpg
     swap.json               {ref_id: [expressions naming OTHER objects of the same image]}
     synthetic_meta.json     scenes (objects) and, per ref_id, target / swap targets / parseable texts
+    grefcoco_meta.json      per gRefCOCO ref_id: scene, targets (0, 1 or more), texts, kind
+
+The gRefCOCO refs are drawn from their own random stream (seeded by ``[seed, GREFCOCO_STREAM]``),
+so adding them left every other file byte-identical for a given seed.
 
 Masks in the files are polygons (or RLE encoded from pycocotools rasterisations of the polygons),
 so loaders reproduce them exactly; JPEG (quality 95) only perturbs image pixels.
@@ -71,6 +78,8 @@ RELATIONS = {"left of": ("x", -1), "right of": ("x", 1), "above": ("y", -1), "be
 MARGIN = 0.06  # fraction of the image side: positional/relational decisions need this clearance
 SIZE_RATIO = 1.5  # "largest" needs this area ratio over the runner-up
 ALL_KINDS = ("attr", "position", "size", "relation", "reasoning")
+GREFCOCO_STREAM = 0x67524546  # second entropy word of the gRefCOCO random stream
+GREFCOCO_SINGLE_KINDS = ("attr", "position", "size", "relation")
 FORMAT_KINDS = {
     "refcoco": ("attr", "position", "size", "relation"),
     "refcoco+": ("attr", "size", "reasoning"),  # like RefCOCO+: no location words
@@ -134,7 +143,13 @@ def _core(tag: str) -> str:
     return rf"(?:(?P<c{tag}>{_COL}) )?(?P<s{tag}>{_SHP}|object|shape)"
 
 
+_PLURAL = {**{shape: shape + "s" for shape in SHAPES}, "object": "objects", "shape": "shapes"}
+_PLURAL_TO_WORD = {v: k for k, v in _PLURAL.items()}
+_PLU = "|".join(_PLURAL.values())
+
 _PATTERNS = [
+    ("group", re.compile(rf"^(?:all the|the) (?:(?P<c1>{_COL}) )?(?P<p1>{_PLU})$")),
+    ("group_every", re.compile(rf"^every {_core('1')}$")),
     ("relation", re.compile(rf"^the {_core('1')} (?P<op>{'|'.join(RELATIONS)}) the {_core('2')}$")),
     ("position", re.compile(rf"^the {_core('1')} (?P<op>{'|'.join(POSITIONS)})$")),
     ("size", re.compile(rf"^the (?P<op>{'|'.join(SIZES)}) {_core('1')}$")),
@@ -164,6 +179,10 @@ def parse_expression(text: str) -> Predicate:
         if not m:
             continue
         g = m.groupdict()
+        if name == "group":
+            return Predicate("group", g["c1"], _shape_word(_PLURAL_TO_WORD[g["p1"]]))
+        if name == "group_every":
+            return Predicate("group", g["c1"], _shape_word(g["s1"]))
         if name.startswith("reasoning"):
             colour = _THING_TO_COLOUR.get(g.get("thing") or "")
             shape = _FEAT_TO_SHAPE.get(g.get("feat") or "")
@@ -189,7 +208,7 @@ def resolve(pred: Predicate | str, scene: Scene) -> list[int]:
         pred = parse_expression(pred)
     cands = _matches(scene, pred.colour, pred.shape)
     objs = scene.objects
-    if pred.kind in ("attr", "reasoning"):
+    if pred.kind in ("attr", "reasoning", "group"):
         return cands
     if pred.kind == "position":
         axis, sign = POSITIONS[pred.op]
@@ -226,6 +245,8 @@ def render(pred: Predicate, rng: np.random.Generator) -> str:
         if pred.colour:
             return f"the object that is the colour of {COLOUR_THINGS[pred.colour]}"
         return f"the shape with {SHAPE_FEATURES[pred.shape]}"
+    if pred.kind == "group":
+        return _group_text(pred.colour, pred.shape, rng)
     core = _core_text(pred.colour, pred.shape, rng)
     if pred.kind == "attr":
         return f"the {core}"
@@ -239,6 +260,16 @@ def render(pred: Predicate, rng: np.random.Generator) -> str:
 def _core_text(colour: str | None, shape: str | None, rng: np.random.Generator) -> str:
     noun = shape or ("object" if rng.random() < 0.5 else "shape")
     return f"{colour} {noun}" if colour else noun
+
+
+def _group_text(colour: str | None, shape: str | None, rng: np.random.Generator) -> str:
+    """A plural phrase for every object matching ``(colour, shape)``: "all the red circles", ..."""
+    noun = shape or ("object" if rng.random() < 0.5 else "shape")
+    form = int(rng.integers(3))
+    if form == 2:
+        return f"every {colour} {noun}" if colour else f"every {noun}"
+    head = "all the" if form == 0 else "the"
+    return f"{head} {colour} {_PLURAL[noun]}" if colour else f"{head} {_PLURAL[noun]}"
 
 
 def valid_predicates(scene: Scene, target: int) -> list[Predicate]:
@@ -396,8 +427,8 @@ def _swap_texts(scene: Scene, preds: list[list[Predicate]], target: int, kinds: 
 class _Writer:
     """Collects refs of all formats plus the side files while scenes are generated."""
 
-    def __init__(self, out: Path, rng: np.random.Generator) -> None:
-        self.out, self.rng = out, rng
+    def __init__(self, out: Path, rng: np.random.Generator, grng: np.random.Generator) -> None:
+        self.out, self.rng, self.grng = out, rng, grng  # grng: the gRefCOCO stream only
         self.refs_meta: dict[str, dict[str, Any]] = {}
         self.swaps: dict[str, list[str]] = {}
         self.scenes: dict[str, dict[str, Any]] = {}
@@ -405,6 +436,8 @@ class _Writer:
         self.coco_images: list[dict] = []
         self.coco_anns: list[dict] = []
         self.gs_lines: list[dict] = []
+        self.grefs: list[dict] = []
+        self.grefs_meta: dict[str, dict[str, Any]] = {}
         self.custom: dict[str, list[dict]] = {}
         self.counts: dict[str, int] = {}
 
@@ -416,6 +449,7 @@ class _Writer:
         if scene.split in ("val", "test"):
             self._groundingsuite(scene, image_id, preds, jpeg)
         self._custom(scene, index_in_split, preds, jpeg)
+        self._grefcoco(scene, image_id, index_in_split, preds)
 
     def _record(self, ref_id: str, scene: Scene, target: int, texts: list[str], swap: tuple[list[str], list[int]],
                 **extra: Any) -> None:
@@ -520,6 +554,43 @@ class _Writer:
             self.custom.setdefault(scene.split, []).append(rec)
             self._record(ref_id, scene, j, texts, swap)
 
+    # gRefCOCO ---------------------------------------------------------------
+    def _grefcoco(self, scene: Scene, image_id: int, idx: int, preds: list[list[Predicate]]) -> None:
+        """Single-, multi- and no-target refs on the REFER images and annotations (draws: grng only)."""
+        rng = self.grng
+        split = _refer_split(scene.split, idx, "grefcoco")
+        for j in range(len(scene.objects)):
+            texts = choose_texts(preds[j], GREFCOCO_SINGLE_KINDS, int(rng.integers(1, 3)), rng)
+            if texts:
+                self._gref(scene, image_id, split, [j], texts, "single")
+        groups = _groups(scene)
+        for k in rng.permutation(len(groups))[: int(rng.integers(1, 3))]:
+            colour, shape = groups[int(k)]
+            texts = _distinct(lambda: _group_text(colour, shape, rng), int(rng.integers(1, 3)))
+            self._gref(scene, image_id, split, _matches(scene, colour, shape), texts, "multi")
+        absent = _absent(scene)
+        colour, shape = absent[int(rng.integers(len(absent)))]
+        n = int(rng.integers(1, 3))
+        texts = _distinct(lambda: (render(Predicate("attr", colour, shape), rng) if rng.random() < 0.5
+                                   else _group_text(colour, shape, rng)), n)
+        self._gref(scene, image_id, split, [], texts, "none")
+
+    def _gref(self, scene: Scene, image_id: int, split: str, targets: list[int], texts: list[str], kind: str) -> None:
+        ref_id = len(self.grefs)
+        sent0 = sum(len(r["sentences"]) for r in self.grefs)
+        sents = [{"sent": t, "raw": t, "sent_id": sent0 + k, "tokens": t.split()} for k, t in enumerate(texts)]
+        objs = scene.objects
+        self.grefs.append({
+            "ref_id": ref_id, "image_id": image_id, "split": split, "sentences": sents,
+            "sent_ids": [x["sent_id"] for x in sents],
+            "ann_id": [image_id * 100 + j for j in targets] or [-1],
+            "category_id": [CATEGORY_IDS[objs[j].shape] for j in targets] or [-1],
+            "no_target": not targets,
+        })
+        self.grefs_meta[f"grefcoco/{ref_id}"] = {"scene": scene.key, "split": split, "targets": targets,
+                                                 "texts": texts, "kind": kind}
+        self.counts["grefcoco"] = self.counts.get("grefcoco", 0) + 1
+
     # finish -----------------------------------------------------------------
     def finish(self, seed: int, image_size: int) -> None:
         cats = [{"id": i, "name": n, "supercategory": "shape"} for n, i in CATEGORY_IDS.items()]
@@ -528,12 +599,43 @@ class _Writer:
             split_by = "umd" if ds == "refcocog" else "unc"
             self._write(f"refer_seg/{ds}/refs({split_by}).p", pickle.dumps(refs, protocol=2))
             self._write(f"refer_seg/{ds}/instances.json", json.dumps(instances).encode())
+        self._write("refer_seg/grefcoco/grefs(unc).json", json.dumps(self.grefs).encode())
+        self._write("refer_seg/grefcoco/instances.json", json.dumps(instances).encode())
+        self._write("grefcoco_meta.json", json.dumps({"seed": seed, "refs": self.grefs_meta}, sort_keys=True).encode())
         self._write("GroundingSuite-Eval.jsonl", "".join(json.dumps(x) + "\n" for x in self.gs_lines).encode())
         for split, recs in self.custom.items():
             self._write(f"custom/{split}.jsonl", "".join(json.dumps(r) + "\n" for r in recs).encode())
         self._write("swap.json", json.dumps(self.swaps, indent=1, sort_keys=True).encode())
         meta = {"seed": seed, "image_size": image_size, "scenes": self.scenes, "refs": self.refs_meta}
         self._write("synthetic_meta.json", json.dumps(meta, sort_keys=True).encode())
+
+
+def _groups(scene: Scene) -> list[tuple[str | None, str | None]]:
+    """``(colour, shape)`` cores matching >= 2 objects (``(None, None)``: all of them), sorted."""
+    cores = {(o.colour, o.shape) for o in scene.objects} | {(o.colour, None) for o in scene.objects}
+    cores |= {(None, o.shape) for o in scene.objects} | {(None, None)}
+    return sorted((c for c in cores if len(_matches(scene, *c)) >= 2), key=lambda c: (c[0] or "", c[1] or ""))
+
+
+def _absent(scene: Scene) -> list[tuple[str, str | None]]:
+    """Descriptions matching no object: a present colour with a present shape that never go together
+    (the deceptive kind), else colours absent from the image."""
+    colours = sorted({o.colour for o in scene.objects})
+    shapes = sorted({o.shape for o in scene.objects})
+    near = [(c, s) for c in colours for s in shapes if not _matches(scene, c, s)]
+    return near or [(c, None) for c in COLOURS if c not in colours]
+
+
+def _distinct(make, n: int) -> list[str]:
+    """Up to ``n`` distinct strings from ``make()`` (a few tries)."""
+    texts: list[str] = []
+    for _ in range(4 * n):
+        if len(texts) >= n:
+            break
+        text = make()
+        if text not in texts:
+            texts.append(text)
+    return texts
 
 
 def _refer_split(split: str, idx: int, dataset: str) -> str:
@@ -593,7 +695,7 @@ def generate_synthetic(
         raise ValueError("n_train, n_val and n_test must be >= 1")
     out = Path(out)
     rng = np.random.default_rng(seed)
-    writer = _Writer(out, rng)
+    writer = _Writer(out, rng, np.random.default_rng([seed, GREFCOCO_STREAM]))
     image_id = 0
     for split, n in (("train", n_train), ("val", n_val), ("test", n_test)):
         for idx in range(n):
@@ -622,6 +724,14 @@ def attach_swaps(references: Iterable[Reference], swaps: dict[str, list[str]]) -
         if ref.ref_id in swaps:
             ref.meta["swap_expressions"] = list(swaps[ref.ref_id])
     return refs
+
+
+def load_grefcoco_meta(root: str | Path) -> dict[str, Any]:
+    """``{"seed", "refs": {ref_id: {scene, split, targets, texts, kind}}}`` of the synthetic gRefCOCO."""
+    path = Path(root) / "grefcoco_meta.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"missing {path} (written by tools/make_synthetic_data.py)")
+    return json.loads(path.read_text(encoding="utf-8"))
 
 
 def load_synthetic_meta(root: str | Path) -> dict[str, Any]:

@@ -18,17 +18,23 @@ REFER_DATASETS = ("refcoco", "refcoco+", "refcocog")
 
 
 def load_source(name: str, data_root: str | Path) -> list[Reference]:
-    """`refcoco:train`, `refcoco+:train`, `refcocog:train`, `reasonseg:train` or `custom:path.jsonl`."""
+    """`refcoco:train`, `refcoco+:train`, `refcocog:train`, `grefcoco:train`, `reasonseg:train` or
+    `custom:path.jsonl`. gRefCOCO no-target refs come with an all-zero mask and no box
+    (`meta["no_target"]`), multi-target ones with the union mask."""
     kind, _, arg = name.partition(":")
     if kind == "custom":
         return load_custom(arg)
     if kind in REFER_DATASETS:
         return load_refer(data_root, kind, arg or "train")
+    if kind == "grefcoco":
+        from lens.data.grefcoco import load_grefcoco
+
+        return load_grefcoco(data_root, arg or "train")
     if kind == "reasonseg":
         return load_reasonseg(data_root, arg or "train")
     raise ValueError(
         f"unknown training source {name!r}; expected refcoco:<split>, refcoco+:<split>, refcocog:<split>, "
-        f"reasonseg:<split> or custom:<path.jsonl>"
+        f"grefcoco:<split>, reasonseg:<split> or custom:<path.jsonl>"
     )
 
 
