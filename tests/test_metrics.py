@@ -170,3 +170,52 @@ def test_records_without_ids_are_all_kept():
     m = SegmentationMetrics()
     m.update([PRED, PRED], [TARGET, TARGET])
     assert SegmentationMetrics.from_records(m.records * 2).compute()["n"] == 4
+
+
+# ---------------------------------------------------------------------------- box versus mask
+
+from lens.evaluation.analysis import box_mask_analysis, box_mask_case  # noqa: E402
+
+# (I, U, box IoU): mask IoU = I / (U + 1e-5), or 1 for U == 0
+BOX_MASK = [
+    (8, 10, 0.3),   # mask 0.8 hits, box misses: mask rescues box; bin [0.25, 0.5)
+    (1, 10, 0.9),   # box hits, mask 0.1 misses: box rescues mask; bin [0.75, 1]
+    (5, 10, 0.5),   # box 0.5 hits (>=); mask 5 / (10 + 1e-5) < 0.5 misses: box rescues mask; bin [0.5, 0.75)
+    (0, 0, 1.0),    # both hit (empty on empty: mask IoU 1); box IoU 1 falls in the closed last bin
+    (0, 4, 0.0),    # both miss; bin [0, 0.25)
+    (3, 4, None),   # no box IoU (e.g. a no-target reference): not counted
+]
+
+
+def test_box_mask_hand_computed():
+    recs = [{"I": i, "U": u, "box_iou": b} for i, u, b in BOX_MASK]
+    assert [box_mask_case(r) for r in recs] == ["mask_rescues_box", "box_rescues_mask", "box_rescues_mask",
+                                                None, None, None]
+    out = box_mask_analysis(recs)
+    assert out["n_box"] == 5 and (out["n_mask_rescues_box"], out["n_box_rescues_mask"]) == (1, 2)
+    assert out["mask_rescues_box"] == pytest.approx(1 / 5) and out["box_rescues_mask"] == pytest.approx(2 / 5)
+    assert [(b["lo"], b["hi"], b["n"]) for b in out["bins"]] == [(0.0, 0.25, 1), (0.25, 0.5, 1), (0.5, 0.75, 1),
+                                                                  (0.75, 1.0, 2)]
+    means = [b["mask_miou"] for b in out["bins"]]
+    assert means == pytest.approx([0.0, 8 / (10 + 1e-5), 5 / (10 + 1e-5), (1 / (10 + 1e-5) + 1.0) / 2], rel=1e-12)
+
+
+def test_box_mask_bins_and_absent_boxes():
+    recs = [{"I": 3, "U": 4, "box_iou": 0.2}, {"I": 2, "U": 2, "box_iou": 0.6}]
+    out = box_mask_analysis(recs, bins=[0.0, 0.5, 1.0])
+    assert [b["n"] for b in out["bins"]] == [1, 1] and out["bins"][0]["mask_miou"] == pytest.approx(3 / (4 + 1e-5))
+    assert out["mask_rescues_box"] == 0.5 and out["box_rescues_mask"] == 0.0
+    assert box_mask_analysis([{"I": 1, "U": 2, "box_iou": None}]) is None
+    with pytest.raises(ValueError, match="increasing"):
+        box_mask_analysis(recs, bins=[0.0, 0.5, 0.5, 1.0])
+
+
+def test_markdown_box_mask_table():
+    from lens.evaluation.report import results_markdown
+
+    bvm = box_mask_analysis([{"I": i, "U": u, "box_iou": b} for i, u, b in BOX_MASK])
+    res = {"refcoco_val": {"n": 6, "ciou": 0.5, "giou": 0.5, "box_acc": 0.6, "box_miou": 0.54, "time_s": 1.0,
+                           "expressions_per_s": 6.0, "box_vs_mask": bvm}}
+    md = results_markdown(res, "m", "lens")
+    assert "| split | n box | mask rescues box | box rescues mask | box IoU [0.00, 0.25) |" in md
+    assert "| refcoco_val | 5 | 20.0 | 40.0 | 0.0 (1) | 80.0 (1) | 50.0 (1) | 55.0 (2) |" in md
