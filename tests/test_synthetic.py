@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lens.data import load_custom, load_groundingsuite, load_reasonseg, load_refer
+from lens.data import load_custom, load_grefcoco, load_groundingsuite, load_reasonseg, load_refer
 from lens.data.masks import polygon_mask
 from lens.data.synthetic import (
     COLOURS,
@@ -18,6 +18,7 @@ from lens.data.synthetic import (
     SceneObject,
     attach_swaps,
     generate_synthetic,
+    load_grefcoco_meta,
     load_swaps,
     load_synthetic_meta,
     parse_expression,
@@ -54,7 +55,8 @@ def test_layout_is_upstream(synthetic_root):
                 "refer_seg/refcoco/instances.json", "refer_seg/images/mscoco/images/train2014/COCO_train2014_000000000001.jpg",
                 "reason_seg/ReasonSeg/val/synth_val_0000.jpg", "reason_seg/ReasonSeg/val/synth_val_0000.json",
                 "GroundingSuite-Eval.jsonl", "custom/train.jsonl", "custom/val.jsonl", "custom/test.jsonl",
-                "swap.json", "synthetic_meta.json"):
+                "swap.json", "synthetic_meta.json", "refer_seg/grefcoco/grefs(unc).json",
+                "refer_seg/grefcoco/instances.json", "grefcoco_meta.json"):
         assert (synthetic_root / rel).is_file(), rel
     assert any((synthetic_root / "coco/unlabeled2017").glob("*.jpg"))
 
@@ -72,6 +74,47 @@ def test_scenes_have_two_plus_disjoint_distinct_objects(synthetic_root, meta):
     for o in scene.objects:
         inner = polygon_mask(shape_polygon(o.shape, o.cx, o.cy, 0.5 * o.r), scene.height, scene.width) > 0
         assert np.abs(img[inner].mean(0) - COLOURS[o.colour]).max() < 12  # JPEG only perturbs pixels slightly
+
+
+GREFCOCO_FILES = ("grefcoco_meta.json", "refer_seg/grefcoco/grefs(unc).json", "refer_seg/grefcoco/instances.json")
+# sha256 over (path, sha256(bytes)) of every non-JPEG file written for seed 11, 3/2/2 images of 96 px,
+# by the generator before gRefCOCO was added (commit c786a65): the other datasets must stay the same draws.
+PRE_GREFCOCO_DIGEST = "40385e66ff179707a90a1a36fe12e68b535628a8ae8b6b9d949f70dc4aa02e4b"
+
+
+def test_grefcoco_leaves_other_datasets_byte_identical(tmp_path):
+    generate_synthetic(tmp_path, seed=11, n_train=3, n_val=2, n_test=2, image_size=96)
+    h = hashlib.sha256()
+    for p in sorted(tmp_path.rglob("*")):
+        rel = str(p.relative_to(tmp_path))
+        if p.is_file() and p.suffix != ".jpg" and rel not in GREFCOCO_FILES:
+            h.update(rel.encode() + b"\0" + hashlib.sha256(p.read_bytes()).digest())
+    assert h.hexdigest() == PRE_GREFCOCO_DIGEST
+
+
+def test_grefcoco_single_multi_and_no_target(synthetic_root, meta):
+    gmeta = load_grefcoco_meta(synthetic_root)["refs"]
+    for split in ("train", "val", "testA", "testB"):
+        refs = load_grefcoco(synthetic_root, split)
+        assert sorted(r.ref_id for r in refs) == sorted(k for k, v in gmeta.items() if v["split"] == split)
+        kinds = set()
+        for ref in refs:
+            info = gmeta[ref.ref_id]
+            scene = meta["scenes"][info["scene"]]
+            kinds.add(info["kind"])
+            assert ref.expressions == info["texts"]
+            for text in info["texts"]:
+                assert resolve(text, scene) == info["targets"], (ref.ref_id, text)
+            expected = np.zeros((scene.height, scene.width), np.uint8)
+            for j in info["targets"]:
+                expected |= polygon_mask(scene.objects[j].polygon, scene.height, scene.width)
+            assert np.array_equal(ref.load_mask(), expected)
+            assert ref.meta["target_count"] == len(info["targets"])
+            assert ref.meta["no_target"] is (info["kind"] == "none") and (ref.box is None) == ref.meta["no_target"]
+            if info["kind"] == "multi":
+                boxes = np.array([scene.objects[j].bbox for j in info["targets"]])
+                assert np.allclose(ref.box, [*boxes[:, :2].min(0), *boxes[:, 2:].max(0)], atol=0.02)
+        assert kinds == {"single", "multi", "none"}, split
 
 
 def test_every_expression_and_swap_is_unambiguous(meta):
@@ -122,6 +165,8 @@ def test_grammar_by_hand():
     assert resolve("Can you find something with a round outline that is the colour of a ripe tomato?", scene) == [0, 1]
     assert resolve("the object that is the colour of a clear summer sky", scene) == [2]
     assert resolve("the green star", scene) == []
+    assert resolve("all the red circles", scene) == [0, 1] == resolve("every red circle", scene)
+    assert resolve("the shapes", scene) == [0, 1, 2] and resolve("all the green objects", scene) == []
     near = _scene(("circle", "red", 30, 100, 10), ("circle", "red", 35, 160, 10))
     assert resolve("the circle on the left", near) == [0, 1]  # within the margin: ambiguous
     with pytest.raises(ValueError, match="not a synthetic expression"):
@@ -132,9 +177,11 @@ def test_render_parse_round_trip():
     rng = np.random.default_rng(0)
     preds = [Predicate("attr", "red", None), Predicate("position", None, "star", "at the bottom"),
              Predicate("size", "green", None, "smallest"), Predicate("relation", None, None, "below", ("blue", None)),
-             Predicate("reasoning", "yellow", "triangle"), Predicate("reasoning", None, "diamond")]
+             Predicate("reasoning", "yellow", "triangle"), Predicate("reasoning", None, "diamond"),
+             Predicate("group", "red", "star"), Predicate("group", None, None), Predicate("group", "blue", None)]
     for p in preds:
-        assert parse_expression(render(p, rng)) == p
+        for _ in range(6):  # group phrases come in three forms
+            assert parse_expression(render(p, rng)) == p
 
 
 def test_cli_writes_and_prints_summary(tmp_path, capsys):
