@@ -161,11 +161,10 @@ class Segmenter:
         attention = torch.cat([inputs["attention_mask"], comp_mask], dim=1)
 
         sam_batch = torch.stack([sam_image(first[i], self.model.config.sam_image_size) for i in range(len(uniq))])
-        feats = self.model.encode_sam_images(sam_batch.to(device))
-        out = self.model.forward_with_queries(
+        out = self.model(  # the query forward; SAM2 encodes each distinct image once, inside it
             input_ids=seqs, attention_mask=attention, pixel_values=inputs.get("pixel_values"),
-            image_grid_thw=inputs.get("image_grid_thw"), sam_features=feats, sam_image_index=index.to(device),
-            return_logits=False, share_vision=True,
+            image_grid_thw=inputs.get("image_grid_thw"), sam_images=sam_batch.to(device),
+            sam_image_index=index.to(device), return_logits=False, share_vision=True,
         )
         decoded = tok.batch_decode(completion * comp_mask + tok.pad_token_id * (1 - comp_mask), skip_special_tokens=True)
         return BatchOutput(

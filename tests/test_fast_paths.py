@@ -105,7 +105,7 @@ def grpo_batches(synthetic_root, tiny_checkpoint, tmp_path_factory):
         rows = [dict(prompts[i // g]) for i in range(2 * g)]
         torch.manual_seed(0)
         inputs = trainer._generate_and_score_completions(rows)
-        batches[flow] = {"inputs": inputs, "rows": rows, "sam": trainer._sam, "n_sam": len(trainer._sam)}
+        batches[flow] = {"inputs": inputs, "rows": rows, "sam": trainer._banks["train"], "n_sam": len(trainer._banks["train"][1])}
     return trainer, batches
 
 
@@ -122,7 +122,8 @@ def test_both_flows_score_the_same_rollouts(grpo_batches):
 
 def run_flow(trainer, flow: str, batch: dict) -> dict[str, torch.Tensor]:
     """Per-token log-probs, mask logits, loss and a few gradients of `flow` on its own generation batch."""
-    trainer.flow, trainer._sam = flow, batch["sam"]
+    trainer.flow = flow
+    trainer._banks["train"] = batch["sam"]
     inputs = batch["inputs"]
     model = trainer.model
     ids = torch.cat([inputs["prompt_ids"], inputs["completion_ids"]], 1)

@@ -71,17 +71,18 @@ def test_resume_gives_the_same_next_step_loss(synthetic_root, tiny_checkpoint, t
 
 
 def test_lm_plus_seg_takes_one_forward_and_matches_two(synthetic_root, tiny_checkpoint, tmp_path):
-    # "lm+seg" reads the token logits off the query forward; the stock forward gives the same next-token loss
+    # "lm+seg" reads the answer's log-probs off the query forward; the stock forward gives the same next-token loss.
+    # Both the SAM2 encoding and the query forward are calls of the model (what DDP/ZeRO-3 need); nothing else is.
     trainer = build_trainer(tiny_recipe("stage1", synthetic_root, tiny_checkpoint, tmp_path / "s1",
-                                        "train.per_device_train_batch_size=4"))
+                                        "train.per_device_train_batch_size=4", "cache_sam_features=false"))
     batch = next(iter(trainer.get_train_dataloader()))
     model = trainer.model.eval()
     calls = []
-    hook = model.register_forward_hook(lambda *_: calls.append(1))
+    hook = model.register_forward_hook(lambda m, args, kwargs, out: calls.append(type(out).__name__), with_kwargs=True)
     with torch.no_grad():
         total = trainer.compute_loss(model, batch)
     hook.remove()
-    assert len(calls) == 1
+    assert calls == ["SamFeatures", "LensOutput"]
     lm_inputs = {k: batch[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw", "labels")}
     with torch.no_grad():
         lm = model(**lm_inputs, mm_token_type_ids=batch.get("mm_token_type_ids")).loss
@@ -189,7 +190,7 @@ def test_grpo_advantages_rewards_and_loss_match_a_hand_computation(grpo):
         lp, _, _ = trainer._get_per_token_logps_and_entropies(
             trainer.model, ids, att, k, pixel_values=inputs["pixel_values"], image_grid_thw=inputs["image_grid_thw"])
         out = trainer.model.forward_with_queries(ids, att, inputs["pixel_values"], inputs["image_grid_thw"],
-                                                 sam_features=trainer._sam, sam_image_index=inputs["sam_image_index"])
+                                                 sam_features=trainer._banks["train"][1], sam_image_index=inputs["sam_image_index"])
     delta = inputs["ref_per_token_logps"] - lp
     k3 = torch.exp(delta) - delta - 1
     per_token = -inputs["advantages"][:, None] + trainer.beta * k3  # ratio exp(lp - lp.detach()) == 1

@@ -14,6 +14,7 @@ from transformers.utils import ModelOutput
 
 from .config import LensConfig
 from .context import QueryConnector, build_proj_to_sam
+from .heads import token_log_probs
 from .sam import SamFeatures, build_sam, decode_masks, decode_masks_per_sample, encode_images
 
 
@@ -21,14 +22,19 @@ from .sam import SamFeatures, build_sam, decode_masks, decode_masks_per_sample, 
 class LensOutput(ModelOutput):
     """Output of the query forward.
 
+    loss: mean next-token NLL over the labelled positions (when `labels` were given).
     logits: (B, L_keep, V) token logits of the original (prompt + completion) positions only.
+    log_probs, entropy: (B, L - 1) float32 next-token log-probs / entropies (with `labels`; 0 where unscored).
     mask_logits: (B, 1, h, w) low-resolution SAM2 mask logits (h = w = sam_image_size / 4).
     iou_scores: (B, 1) SAM2's predicted IoU of the returned mask.
     sam_prompt: (B, 1, C) the sparse prompt token fed to the mask decoder.
     query_states: (B, Q, H) final-layer (post-norm) hidden states of the context queries.
     """
 
+    loss: torch.Tensor | None = None
     logits: torch.Tensor | None = None
+    log_probs: torch.Tensor | None = None
+    entropy: torch.Tensor | None = None
     mask_logits: torch.Tensor | None = None
     iou_scores: torch.Tensor | None = None
     sam_prompt: torch.Tensor | None = None
@@ -188,11 +194,15 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         return embeds.masked_scatter(slots.unsqueeze(-1), feats)
 
     def encode_sam_images(self, sam_images: torch.Tensor) -> SamFeatures:
-        """SAM2 image features of (N, 3, S, S) images in 0..255; compute once per distinct image."""
-        return encode_images(self.sam, sam_images.to(self.sam.no_mem_embed.device))
+        """SAM2 image features of (N, 3, S, S) images in 0..255; compute once per distinct image. Without
+        gradients while the image encoder is frozen. Training code calls it as `model(sam_images=...)`."""
+        frozen = not any(p.requires_grad for p in self.sam.image_encoder.parameters())
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not frozen):
+            return encode_images(self.sam, sam_images.to(self.sam.no_mem_embed.device))
 
     def sam_prompt_from_queries(self, query_states: torch.Tensor) -> torch.Tensor:
         """(B, Q, H) query states -> (B, 1, C) SAM sparse prompt: connector, conv_1d over Q, proj_to_sam."""
+        query_states = query_states.to(self.conv_1d.weight.dtype)  # bf16 LM, fp32 master weights of the module
         x = self.connector(query_states) if self.connector is not None else query_states
         x = self.conv_1d(x.transpose(1, 2)).transpose(1, 2)  # (B, 1, H)
         return self.proj_to_sam(x)
@@ -251,14 +261,32 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         sam_images: torch.Tensor | None = None,
         sam_features: SamFeatures | None = None,
         sam_image_index: torch.LongTensor | None = None,
+        return_logits: bool = True,
+        temperature: float = 1.0,
+        share_vision: bool = True,
+        per_sample_decoding: bool = False,
+        append_queries: bool = False,
         **kwargs,
     ):
-        """Stock Qwen2.5-VL forward, or the query forward (`forward_with_queries`) when `sam_images` or
-        `sam_features` is given."""
-        if sam_images is not None or sam_features is not None:
+        """The one entry point of every LENS computation, so that DDP and DeepSpeed see each parameter inside
+        the wrapped model's call. Three modes:
+
+        - stock Qwen2.5-VL forward (generation, plain LM loss): no SAM inputs;
+        - SAM2 encoding: `sam_images` (N, 3, S, S) without `input_ids` -> `SamFeatures` of the N images
+          (computed without gradients when the image encoder is frozen);
+        - the query forward: `input_ids` with `sam_images` or `sam_features` -> `LensOutput` (see
+          `forward_with_queries`; `labels` there give per-token log-probs and entropies instead of logits).
+          `append_queries=True` without SAM inputs runs it without masks (the same token positions as the
+          masked passes, e.g. for GRPO's no-grad log-probs).
+        """
+        if input_ids is None and inputs_embeds is None and sam_images is not None:
+            return self.encode_sam_images(sam_images)
+        if sam_images is not None or sam_features is not None or append_queries:
             return self.forward_with_queries(
                 input_ids, attention_mask, pixel_values, image_grid_thw, sam_images=sam_images,
                 sam_features=sam_features, sam_image_index=sam_image_index, logits_to_keep=int(logits_to_keep),
+                return_logits=return_logits, labels=labels, temperature=temperature, share_vision=share_vision,
+                per_sample_decoding=per_sample_decoding,
             )
         return super().forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -281,13 +309,18 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         return_logits: bool = True,
         per_sample_decoding: bool = False,
         share_vision: bool = True,
+        labels: torch.LongTensor | None = None,
+        temperature: float = 1.0,
     ) -> LensOutput:
-        """One pass over tokens + appended queries -> token logits, query states and masks.
+        """One pass over tokens + appended queries -> token scores, query states and masks.
 
         input_ids/attention_mask: (B, L), left or right padded. sam_images: (N, 3, S, S) 0..255 or
         precomputed `sam_features` of N images; `sam_image_index` (B,) says which image each row shows
         (default: row b shows image b); with `share_vision`, the vision tower also encodes each distinct image
-        once. logits_to_keep > 0 keeps logits of the last k token positions.
+        once; with neither, no masks are decoded. Token scores: with `labels` (B, L; -100 = unscored), `log_probs` and `entropy` (B, L - 1; position j
+        scores token j + 1) at `temperature` and their mean NLL as `loss`, without (B, L, V) logits; else, with
+        `return_logits`, the logits of the last `logits_to_keep` positions (all when 0).
+        Call it through `model(...)` (the wrapped model) when training: see `forward`.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
@@ -298,19 +331,28 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids, use_cache=False
         ).last_hidden_state  # (B, L + Q, H), after the final norm
         text_hidden, query_states = hidden[:, :-q], hidden[:, -q:]
-        logits = None
-        if return_logits:
-            keep = text_hidden[:, -logits_to_keep:] if logits_to_keep else text_hidden
-            logits = self.lm_head(keep)
+        out = LensOutput(query_states=query_states)
+        if labels is not None:
+            out.log_probs, out.entropy, out.loss = token_log_probs(text_hidden, self.lm_head, labels, temperature)
+        elif return_logits:
+            out.logits = self.lm_head(text_hidden[:, -logits_to_keep:] if logits_to_keep else text_hidden)
 
+        if sam_features is None and sam_images is None:
+            return out
         if sam_features is None:
             sam_features = self.encode_sam_images(sam_images)
-        mask_logits, iou, sam_prompt = self.masks_from_queries(
+        out.mask_logits, out.iou_scores, out.sam_prompt = self.masks_from_queries(
             query_states, sam_features, sam_image_index, per_sample_decoding
         )
-        return LensOutput(
-            logits=logits, mask_logits=mask_logits, iou_scores=iou, sam_prompt=sam_prompt, query_states=query_states
-        )
+        return out
+
+    def train(self, mode: bool = True):
+        """As nn.Module.train; SAM2 stays in eval mode while none of its parameters learns (stage 1), as upstream:
+        the decoder then falls back to its best multimask output when token 0 is unstable."""
+        super().train(mode)
+        if mode and not any(p.requires_grad for p in self.sam.parameters()):
+            self.sam.eval()
+        return self
 
 
 def distinct_images(

@@ -3,6 +3,7 @@ batched mask decoding driven by one external sparse prompt token per row."""
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -124,9 +125,10 @@ def encode_images(sam: nn.Module, images: torch.Tensor) -> SamFeatures:
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (sam.image_size, sam.image_size):
         raise ValueError(f"sam_images must be (N, 3, {sam.image_size}, {sam.image_size}); got {tuple(images.shape)}")
     dtype = sam.no_mem_embed.dtype
-    fpn = sam.image_encoder(normalize_sam_images(images, dtype))["backbone_fpn"]  # 3 levels, fine to coarse
+    fpn = sam.image_encoder(normalize_sam_images(images, dtype))["backbone_fpn"]  # 3 levels, fine to coarse  # 3 levels, fine to coarse
     embed = fpn[-1] + sam.no_mem_embed.view(1, -1, 1, 1)  # directly_add_no_mem_embed, as for a single image
-    return SamFeatures(image_embed=embed, fpn_s0=fpn[0], fpn_s1=fpn[1])
+    # sam2's FPN adds its top-down path in float32: hand the decoder features in the model's dtype
+    return SamFeatures(image_embed=embed.to(dtype), fpn_s0=fpn[0].to(dtype), fpn_s1=fpn[1].to(dtype))
 
 
 def decode_masks(
@@ -150,7 +152,7 @@ def decode_masks(
     dense = pe.no_mask_embed.weight.reshape(1, -1, 1, 1).expand(b, -1, *embed.shape[-2:])
     masks, iou, _, _ = decoder(
         image_embeddings=embed,
-        image_pe=pe.get_dense_pe(),
+        image_pe=dense_positional_encoding(pe).to(embed.dtype),
         sparse_prompt_embeddings=prompt.to(embed.dtype),
         dense_prompt_embeddings=dense.to(embed.dtype),
         multimask_output=False,
@@ -158,6 +160,18 @@ def decode_masks(
         high_res_features=high_res,
     )
     return masks, iou
+
+
+def dense_positional_encoding(prompt_encoder: nn.Module) -> torch.Tensor:
+    """(1, C, h, w) positional encoding of the image-embedding grid, as `PromptEncoder.get_dense_pe`, computed in
+    float32 whatever the model's dtype (sam2's own builds a float32 grid and fails on a bf16/fp16 model)."""
+    gaussian = prompt_encoder.pe_layer.positional_encoding_gaussian_matrix.float()  # (2, C/2), a buffer
+    h, w = prompt_encoder.image_embedding_size
+    ys = (torch.arange(h, device=gaussian.device, dtype=torch.float32) + 0.5) / h
+    xs = (torch.arange(w, device=gaussian.device, dtype=torch.float32) + 0.5) / w
+    coords = torch.stack(torch.meshgrid(xs, ys, indexing="xy"), dim=-1)  # (h, w, 2) as (x, y) in (0, 1)
+    proj = 2 * math.pi * ((2 * coords - 1) @ gaussian)  # (h, w, C/2)
+    return torch.cat([proj.sin(), proj.cos()], dim=-1).permute(2, 0, 1).unsqueeze(0)
 
 
 def decode_masks_per_sample(

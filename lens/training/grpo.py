@@ -1,12 +1,13 @@
 """Stage 2: GRPO on TRL with unified rewards and the segmentation loss.
 
 A thin subclass of `trl.GRPOTrainer`. What it changes:
+- Every policy computation is a call of the wrapped model (ZeRO-3 gathers, DDP sees one graph per step).
 - SAM2 image features are computed once per distinct image of a generation batch (every GRPO group
   shares its image) and reused by the scoring forward and the loss forward (the image encoder is frozen).
 - Scoring: before the rewards, one no-grad query forward per chunk gives each rollout's mask IoU, which
   the segment-level reward (`mask_iou`) reads as a column.
-- Loss: the policy log-probs (TRL's fused LM head), the query states and the masks come from ONE pass
-  over prompt + completion + appended queries; BCE + dice is added to TRL's policy loss.
+- Loss: the policy log-probs (a chunked LM head, no (B, L, V) logits), the query states and the masks come
+  from ONE pass over prompt + completion + appended queries; BCE + dice is added to TRL's policy loss.
 - The reference model is a stock Qwen2.5-VL with the policy's initial weights (M-RoPE positions, as
   upstream), built by us so that TRL does not have to resolve our model class.
 """
@@ -27,7 +28,7 @@ from lens.losses import mask_iou_from_logits, segmentation_loss
 from lens.modeling.loading import LEGACY_KEY_MAPPING
 from lens.modeling.sam import SamFeatures
 from lens.training.data import unique_images
-from lens.training.trainable import GroupLRMixin
+from lens.training.trainable import GroupLRMixin, prepare_model_for_training
 
 MASK_REWARDS = ("mask_iou", "mask_iou_linear")
 
@@ -50,19 +51,23 @@ def qwen_config(config) -> Qwen2_5_VLConfig:
 def build_reference_model(policy, init_path: str | Path | None = None) -> Qwen2_5_VLForConditionalGeneration:
     """Frozen stock Qwen2.5-VL holding the policy's initial language and vision weights.
 
-    From `init_path` when it is a checkpoint folder (works under ZeRO-3), else copied from `policy`.
+    From `init_path` when it is a checkpoint folder (works under ZeRO-3), else copied from `policy`. It uses the
+    policy's attention implementation (flash-attn or SDPA).
     """
+    attn = {"attn_implementation": policy.config._attn_implementation} if policy.config._attn_implementation else {}
     if init_path is not None and Path(init_path).is_dir():
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the LENS-only keys are expected to be left out
         try:
             ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(
-                init_path, config=qwen_config(policy.config), key_mapping=LEGACY_KEY_MAPPING, dtype=policy.dtype
+                init_path, config=qwen_config(policy.config), key_mapping=LEGACY_KEY_MAPPING, dtype=policy.dtype, **attn
             )
         finally:
             hf_logging.set_verbosity(verbosity)
     else:
-        ref = Qwen2_5_VLForConditionalGeneration(qwen_config(policy.config)).to(policy.dtype)
+        config = qwen_config(policy.config)
+        config._attn_implementation = policy.config._attn_implementation
+        ref = Qwen2_5_VLForConditionalGeneration(config).to(policy.dtype)
         own = {k: v for k, v in policy.state_dict().items() if k.startswith(("model.", "lm_head."))}
         ref.load_state_dict(copy.deepcopy(own), strict=True)
     ref.generation_config = copy.deepcopy(policy.generation_config)
@@ -75,9 +80,16 @@ FLOWS = ("fast", "reference")
 class LensGRPOTrainer(GroupLRMixin, GRPOTrainer):
     """GRPO for LENS. Dataset rows: `prompt`, `image`, `box_llm`, `mask`, `sam_image`, `image_id`.
 
-    `flow="reference"` reproduces the original's data flow for benchmarking (same numbers, more work): SAM2
-    encodes the image once per rollout, the mask decoder runs in a per-sample loop, and the policy log-probs
-    and the masks come from two separate forwards.
+    Every LENS computation of the policy is a call of the (DDP/DeepSpeed-wrapped) model: SAM2 encoding, the
+    scoring forward and the loss forward (see `LensForConditionalGeneration.forward`).
+
+    SAM2 features of a generation batch live in a bank (one per mode, so that an evaluation during training does
+    not replace the features of the buffered training batch); every row carries its bank id and its image's
+    index in the bank.
+
+    `flow="reference"` reproduces the original's data flow for benchmarking (same numbers, more work; one
+    process only): SAM2 encodes the image once per rollout, the mask decoder runs in a per-sample loop, and the
+    policy log-probs and the masks come from two separate forwards.
     """
 
     def __init__(
@@ -100,6 +112,8 @@ class LensGRPOTrainer(GroupLRMixin, GRPOTrainer):
                 f"per_device_train_batch_size x steps_per_generation = {per_rank} must be a multiple of "
                 f"num_generations = {config.num_generations}, so that every GRPO group stays on one rank"
             )
+        if flow == "reference" and config.world_size > 1:
+            raise ValueError("flow='reference' (the benchmark's original-like flow) runs in one process only")
         beta, config.beta = config.beta, 0.0  # TRL would rebuild the reference from a hub id; we build it below
         try:
             super().__init__(*args, **kwargs)
@@ -110,11 +124,14 @@ class LensGRPOTrainer(GroupLRMixin, GRPOTrainer):
         self.flow = flow
         self.lr_multipliers = dict(lr_multipliers or {})
         self.needs_mask_iou = any(name in MASK_REWARDS for name in self.reward_func_names)
-        self._sam: SamFeatures | None = None
+        self._banks: dict[str, tuple[int, SamFeatures]] = {}  # mode -> (bank id, features of its images)
+        self._next_bank = 0
+        self._gen_rows: torch.Tensor | None = None  # row -> image of the generation batch being scored
         self._seg_inputs: dict | None = None
         self._mask_logits: torch.Tensor | None = None
         if beta != 0.0 and self.ref_model is None and not hasattr(self.model, "peft_config"):
             self.ref_model = self._prepare_reference(build_reference_model(lens_module(self.model), reference_init))
+        prepare_model_for_training(self)  # after the reference copied the policy's 16-bit weights
 
     def _prepare_reference(self, ref):
         if self.args.disable_dropout:
@@ -126,6 +143,12 @@ class LensGRPOTrainer(GroupLRMixin, GRPOTrainer):
             return prepare_deepspeed(ref, self.accelerator)
         return self.accelerator.prepare_model(ref, evaluation_mode=True)
 
+    @property
+    def _policy_call(self):
+        """The policy as training calls it: the DDP/DeepSpeed wrapper once training has started."""
+        wrapped = getattr(self, "model_wrapped", None)
+        return wrapped if wrapped is not None else self.model
+
     # ------------------------------------------------------------------ generation + scoring
     def _generate_and_score_completions(self, inputs):
         sam_images, index, _ = unique_images(inputs)
@@ -134,13 +157,31 @@ class LensGRPOTrainer(GroupLRMixin, GRPOTrainer):
             raise ValueError("stage 2 caches SAM2 image features: keep trainable.sam_image_encoder false")
         if self.flow == "reference":  # one encoding per rollout
             sam_images, index = sam_images[index], torch.arange(len(index))
+        mode = "train" if self.model.training else "eval"
+        bank = self._next_bank
+        self._next_bank += 1
         with torch.no_grad(), self.accelerator.autocast():
-            self._sam = policy.encode_sam_images(sam_images.to(self.accelerator.device))
-        self._row_image = index.to(self.accelerator.device)
-        output = super()._generate_and_score_completions(inputs)
-        output["sam_image_index"] = self._row_image
+            features = self._policy_call(sam_images=sam_images.to(self.accelerator.device))
+        self._banks[mode] = (bank, features)
+        self._gen_rows = index.to(self.accelerator.device)
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            rows, self._gen_rows = self._gen_rows, None
+        output["sam_image_index"] = rows
+        output["sam_bank"] = torch.full_like(rows, bank)
         output["target_masks"] = [torch.from_numpy(row["mask"] == 1).to(self.accelerator.device) for row in inputs]
         return output
+
+    def _bank_features(self, inputs) -> tuple[SamFeatures, torch.Tensor]:
+        """The SAM2 features of a micro-batch's images and each row's index among them."""
+        mode = "train" if self.model.training else "eval"
+        bank, features = self._banks[mode]
+        ids = inputs["sam_bank"]
+        if not bool((ids == bank).all()):
+            raise RuntimeError(f"rows of SAM feature banks {ids.unique().tolist()} but the {mode} bank is {bank}")
+        used, local = torch.unique(inputs["sam_image_index"], return_inverse=True)
+        return features.index(used.to(features.image_embed.device)), local
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         if self.needs_mask_iou:
@@ -152,8 +193,9 @@ class LensGRPOTrainer(GroupLRMixin, GRPOTrainer):
     @torch.no_grad()
     def _score_masks(self, inputs, prompts, completion_ids_list) -> torch.Tensor:
         """Mask IoU of every rollout from a no-grad query forward (chunks of the per-device batch size)."""
-        policy, device = lens_module(self.model), self.accelerator.device
+        device = self.accelerator.device
         tok = self.processing_class.tokenizer
+        _, features = self._banks["train" if self.model.training else "eval"]
         step = self.args.per_device_train_batch_size
         ious = []
         for s in range(0, len(inputs), step):
@@ -169,65 +211,62 @@ class LensGRPOTrainer(GroupLRMixin, GRPOTrainer):
             comp_ids = pad(comp, padding_value=tok.pad_token_id, padding_side="right").to(device)
             comp_mask = pad([torch.ones_like(c) for c in comp], padding_value=0, padding_side="right").to(device)
             with self.accelerator.autocast():
-                out = policy.forward_with_queries(
-                    torch.cat([enc["input_ids"], comp_ids], 1), torch.cat([enc["attention_mask"], comp_mask], 1),
-                    enc["pixel_values"], enc["image_grid_thw"], sam_features=self._sam,
-                    sam_image_index=self._row_image[s : s + step], return_logits=False,
+                out = self._policy_call(
+                    input_ids=torch.cat([enc["input_ids"], comp_ids], 1),
+                    attention_mask=torch.cat([enc["attention_mask"], comp_mask], 1),
+                    pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"], sam_features=features,
+                    sam_image_index=self._gen_rows[s : s + step], return_logits=False,
                     per_sample_decoding=self.flow == "reference", share_vision=self.flow == "fast",
                 )
             targets = [torch.from_numpy(r["mask"] == 1).to(device) for r in rows]
             ious.append(mask_iou_from_logits(out.mask_logits, targets))
         return torch.cat(ious)
 
-    # ------------------------------------------------------------------ loss
+    # ------------------------------------------------------------------ log-probs, masks, loss
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
                                            compute_entropy=False, compute_aux_loss=False, pixel_values=None,
                                            image_grid_thw=None, **kwargs):
+        """Policy: the query forward of `model` (the same positions in every pass), in chunks of `batch_size`
+        rows; the loss pass (inside `_compute_loss`) also decodes the masks. Reference: TRL's stock forward."""
         if model is self.ref_model:  # stock Qwen2.5-VL with M-RoPE, as upstream's reference
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
                 pixel_values=pixel_values, image_grid_thw=image_grid_thw, **kwargs,
             )
-        policy = lens_module(model)
-        rows_image = None if self._seg_inputs is None else self._seg_inputs["sam_image_index"]
-        if self.flow == "reference" and rows_image is not None:  # masks from a forward of their own
+        loss_pass = self._seg_inputs is not None
+        rows_image = self._seg_inputs["sam_image_index"] if loss_pass else self._gen_rows
+        features = None
+        if loss_pass:
+            features, rows_image = self._bank_features(self._seg_inputs)
+        batch_size = batch_size or input_ids.shape[0]
+        patches = image_grid_thw.prod(-1) if image_grid_thw is not None else None  # (B,) one image per row
+        logps, entropies, masks = [], [], []
+        for s in range(0, input_ids.shape[0], batch_size):
+            e = min(s + batch_size, input_ids.shape[0])
+            chunk = {"input_ids": input_ids[s:e], "attention_mask": attention_mask[s:e]}
+            if pixel_values is not None:
+                start, stop = int(patches[:s].sum()), int(patches[:e].sum())
+                chunk.update(pixel_values=pixel_values[start:stop], image_grid_thw=image_grid_thw[s:e])
+            labels = chunk["input_ids"].masked_fill(chunk["attention_mask"] == 0, -100)
+            labels[:, :-logits_to_keep] = -100
+            index = None if rows_image is None else rows_image[s:e]
+            if self.flow == "reference" and features is not None:  # masks from a forward of their own
+                with self.accelerator.autocast():
+                    masks.append(model(**chunk, sam_features=features, sam_image_index=index, return_logits=False,
+                                       per_sample_decoding=True, share_vision=False).mask_logits)
             with self.accelerator.autocast():
-                self._mask_logits = policy.forward_with_queries(
-                    input_ids, attention_mask, pixel_values, image_grid_thw, sam_features=self._sam,
-                    sam_image_index=rows_image, return_logits=False, per_sample_decoding=True, share_vision=False,
-                ).mask_logits
-        fast = self.flow == "fast"
-        logps, entropy, query_states = self._query_logps(
-            model, policy, input_ids, attention_mask, logits_to_keep, pixel_values, image_grid_thw,
-            rows_image if fast else None,  # fast: the vision tower encodes each distinct image once
-        )
-        if fast and rows_image is not None:  # fast: the same pass gives the masks
-            self._mask_logits, _, _ = policy.masks_from_queries(query_states, self._sam, rows_image)
-        return logps, entropy if compute_entropy else None, None
-
-    def _query_logps(self, model, policy, input_ids, attention_mask, logits_to_keep, pixel_values, image_grid_thw,
-                     image_index):
-        """One pass over tokens + appended queries through TRL's fused LM head (no (B, L, V) logits).
-
-        Returns completion log-probs and entropies (B, logits_to_keep) and the query states (B, Q, H), captured
-        by a hook on the final norm (the pass runs inside the DDP/DeepSpeed-wrapped `model`)."""
-        q = policy.config.num_of_query
-        embeds, full_mask, positions = policy.query_inputs(
-            input_ids, attention_mask, pixel_values, image_grid_thw, image_index
-        )
-        labels = input_ids.masked_fill(attention_mask == 0, -100)
-        labels[:, :-logits_to_keep] = -100
-        labels = torch.cat([labels, labels.new_full((labels.shape[0], q), -100)], dim=1)  # queries score nothing
-        captured = {}
-        hook = policy.model.language_model.norm.register_forward_hook(lambda m, i, o: captured.setdefault("h", o))
-        try:
-            with self.accelerator.autocast():
-                out = model(inputs_embeds=embeds, attention_mask=full_mask, position_ids=positions,
-                            labels=labels, fused_lm_head=True)
-        finally:
-            hook.remove()
-        window = slice(-(logits_to_keep + q), -q)  # log_probs[:, j] scores token j + 1
-        return out.log_probs[:, window], out.entropy[:, window], captured["h"][:, -q:]
+                out = model(
+                    **chunk, labels=labels, temperature=self.temperature, append_queries=True,
+                    sam_features=features if self.flow == "fast" else None, sam_image_index=index,
+                    share_vision=self.flow == "fast",
+                )
+            logps.append(out.log_probs[:, -logits_to_keep:])
+            entropies.append(out.entropy[:, -logits_to_keep:])
+            if out.mask_logits is not None:
+                masks.append(out.mask_logits)
+        if loss_pass:
+            self._mask_logits = torch.cat(masks)
+        return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
     def _compute_loss(self, model, inputs):
         self._seg_inputs = inputs

@@ -10,7 +10,7 @@ from transformers import Trainer
 
 from lens.losses import segmentation_loss
 from lens.modeling.sam import SamFeatures
-from lens.training.trainable import GroupLRMixin
+from lens.training.trainable import GroupLRMixin, prepare_model_for_training
 
 OBJECTIVE_PARTS = ("lm", "seg")  # next-token loss on the answer, BCE + dice of the query-forward masks
 
@@ -23,21 +23,21 @@ class SamFeatureCache:
         self.store: OrderedDict[str, SamFeatures] = OrderedDict()
         self.hits = self.misses = 0
 
-    def features(self, model, sam_images: torch.Tensor, keys: list[str]) -> SamFeatures:
-        """Features of the N images `keys` (encoding only those not cached), on the model's device."""
+    def features(self, encode, sam_images: torch.Tensor, keys: list[str], device: torch.device) -> SamFeatures:
+        """Features of the N images `keys` on `device`, calling `encode(images) -> SamFeatures` only for those
+        not cached."""
         missing = [i for i, k in enumerate(keys) if k not in self.store]
         self.hits += len(keys) - len(missing)
         self.misses += len(missing)
         if missing:
             with torch.no_grad():
-                new = model.encode_sam_images(sam_images[missing])
+                new = encode(sam_images[missing])
             for j, i in enumerate(missing):
                 self.store[keys[i]] = new.index([j]).to("cpu")
         for k in keys:
             self.store.move_to_end(k)
         while len(self.store) > self.max_items:
             self.store.popitem(last=False)
-        device = model.sam.no_mem_embed.device
         return SamFeatures.cat([self.store[k] for k in keys]).to(device)
 
 
@@ -62,6 +62,7 @@ class SupervisedLensTrainer(GroupLRMixin, Trainer):
         if not parts or any(p not in OBJECTIVE_PARTS for p in parts):
             raise ValueError(f"objective={objective!r}; expected parts of {OBJECTIVE_PARTS} joined by '+'")
         super().__init__(*args, **kwargs)
+        prepare_model_for_training(self)
         self.objective = parts
         self.lr_multipliers = dict(lr_multipliers or {})
         self.weights = {"bce": bce_weight, "dice": dice_weight, "lm": lm_weight, "seg": seg_weight}
@@ -69,22 +70,26 @@ class SupervisedLensTrainer(GroupLRMixin, Trainer):
         self._parts: dict[str, list[float]] = {}
 
     def sam_features(self, model, inputs) -> SamFeatures:
-        encoder_frozen = not any(p.requires_grad for p in model.sam.image_encoder.parameters())
+        """SAM2 features of the batch's distinct images, encoded by a call of the (wrapped) `model`, or cached
+        across steps while the image encoder is frozen."""
+        lens = self.accelerator.unwrap_model(model)
+        encoder_frozen = not any(p.requires_grad for p in lens.sam.image_encoder.parameters())
         if self.sam_cache is not None and encoder_frozen:
-            return self.sam_cache.features(model, inputs["sam_images"], inputs["image_keys"])
-        with torch.set_grad_enabled(not encoder_frozen):
-            return model.encode_sam_images(inputs["sam_images"])
+            device = inputs["input_ids"].device
+            return self.sam_cache.features(lambda x: model(sam_images=x.to(device)), inputs["sam_images"],
+                                           inputs["image_keys"], device)
+        return model(sam_images=inputs["sam_images"])
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-        """Sum of the objective's parts. With "seg", one query forward gives both the masks and (for "lm") the
-        token logits: the queries sit after the text, so the text logits are those of the stock forward."""
-        unwrapped = self.accelerator.unwrap_model(model)
+        """Sum of the objective's parts. With "seg", one query forward of the wrapped model gives the masks and
+        (for "lm") the answer tokens' log-probs: the queries sit after the text, so these are the stock
+        forward's."""
         lm_inputs = {k: inputs[k] for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")}
         total = 0.0
         if "seg" in self.objective:
             out = model(
-                **lm_inputs, sam_features=self.sam_features(unwrapped, inputs),
-                sam_image_index=inputs["sam_image_index"], logits_to_keep=0 if "lm" in self.objective else 1,
+                **lm_inputs, sam_features=self.sam_features(model, inputs), sam_image_index=inputs["sam_image_index"],
+                labels=inputs["labels"] if "lm" in self.objective else None, return_logits=False,
             )
             targets = [t.to(out.mask_logits.device) for t in inputs["target_masks"]]
             seg, parts = segmentation_loss(out.mask_logits, targets, self.weights["bce"], self.weights["dice"])
@@ -93,11 +98,8 @@ class SupervisedLensTrainer(GroupLRMixin, Trainer):
             for k, v in parts.items():
                 self._record(k, v)
             if "lm" in self.objective:
-                lm = unwrapped.loss_function(
-                    logits=out.logits, labels=inputs["labels"], vocab_size=unwrapped.config.get_text_config().vocab_size
-                )
-                total = total + self.weights["lm"] * lm
-                self._record("lm", lm)
+                total = total + self.weights["lm"] * out.loss
+                self._record("lm", out.loss)
         elif "lm" in self.objective:
             out = model(**lm_inputs, mm_token_type_ids=inputs.get("mm_token_type_ids"), labels=inputs["labels"])
             total = total + self.weights["lm"] * out.loss

@@ -5,7 +5,17 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from lens.modeling.zero3 import full_numel
+
 GROUPS = ("llm", "vision", "context", "sam_image_encoder", "sam_prompt_encoder", "sam_mask_decoder")
+# SAM2 parts that no LENS loss reaches: point/box/mask prompt embeddings (LENS prompts with its queries and the
+# dense `no_mask_embed` only), the IoU and object-score heads (their outputs enter no loss). They never train:
+# a trainable parameter without a gradient breaks DDP's reduction.
+UNREACHED = (
+    "sam.sam_prompt_encoder.point_embeddings.", "sam.sam_prompt_encoder.not_a_point_embed.",
+    "sam.sam_prompt_encoder.mask_downscaling.", "sam.sam_mask_decoder.iou_prediction_head.",
+    "sam.sam_mask_decoder.pred_obj_score_head.",
+)
 
 # Defaults as in the paper: stage 1 aligns only the context module; stage 2 trains everything but the
 # SAM2 image encoder. The tiny warm-up trains everything (it stands in for pretraining).
@@ -21,6 +31,8 @@ def group_of(name: str) -> str | None:
 
     Names of a PEFT-wrapped model (`base_model.model.` prefix, `modules_to_save` copies) map as the plain ones."""
     name = name.removeprefix("base_model.model.").replace(".modules_to_save.default.", ".").replace(".original_module.", ".")
+    if name.startswith(UNREACHED):
+        return None
     if name.startswith(("learnable_query", "connector.", "conv_1d.", "proj_to_sam.")):
         return "context"
     if name.startswith("model.visual."):
@@ -49,8 +61,27 @@ def set_trainable(model: nn.Module, stage: str, overrides: dict[str, bool] | Non
         group = group_of(name)
         param.requires_grad_(bool(group and flags[group]))
         if param.requires_grad:
-            counts[group] += param.numel()
+            counts[group] += full_numel(param)  # numel() is 0 for a ZeRO-3 partitioned parameter
     return counts
+
+
+def freeze_unreached(model: nn.Module) -> None:
+    """Freeze what `group_of` never trains, e.g. in PEFT `modules_to_save` copies made after `set_trainable`."""
+    for name, param in model.named_parameters():
+        if param.requires_grad and group_of(name) is None:
+            param.requires_grad_(False)
+
+
+def upcast_trainable(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
+    """fp32 master weights for fully trained parameters of a 16-bit model (what DeepSpeed's bf16 mode does in its
+    optimizer; without DeepSpeed AdamW would update bf16 weights, where small steps round to nothing). The forward
+    then needs autocast (train.bf16/fp16). Returns the number of parameters cast."""
+    cast = 0
+    for param in model.parameters():
+        if param.requires_grad and param.is_floating_point() and param.dtype != dtype:
+            param.data = param.data.to(dtype)
+            cast += full_numel(param)
+    return cast
 
 
 def scale_group_lrs(optimizer: torch.optim.Optimizer, model: nn.Module, multipliers: dict[str, float]) -> torch.optim.Optimizer:
@@ -88,3 +119,25 @@ class GroupLRMixin:
             self.optimizer = optimizer = scale_group_lrs(optimizer, self.model if model is None else model,
                                                          self.lr_multipliers)
         return optimizer
+
+
+def prepare_model_for_training(trainer) -> None:
+    """What every LENS trainer does once its model is final (after PEFT wrapping, before DDP/DeepSpeed wrap it):
+    freeze what no loss reaches, register ZeRO-3's external parameters, and give a 16-bit model trained without
+    DeepSpeed fp32 master weights for what trains fully (its forward then runs under autocast)."""
+    from lens.modeling.zero3 import register_external_parameters, zero3_enabled
+
+    model = trainer.model
+    freeze_unreached(model)
+    lens = model.get_base_model() if hasattr(model, "get_base_model") else model
+    if zero3_enabled():
+        register_external_parameters(lens)
+    sixteen = {p.dtype for p in model.parameters() if p.requires_grad} & {torch.bfloat16, torch.float16}
+    if sixteen and not trainer.is_deepspeed_enabled:
+        args = trainer.args
+        if not (args.bf16 or args.fp16):
+            raise ValueError(
+                f"model.dtype is {sorted(map(str, sixteen))} without DeepSpeed: set train.bf16=true (or fp16) so the "
+                "forward runs under autocast over fp32 master weights, or model.dtype=float32"
+            )
+        upcast_trainable(model)
