@@ -45,10 +45,14 @@ def pick_overlays(records: Sequence[dict], k: int, mode: str = "extremes") -> li
 
 
 def decode_rle(rle: dict[str, Any]) -> np.ndarray:
+    import warnings
+
     from pycocotools import mask as coco_mask
 
     counts = rle["counts"]
-    return coco_mask.decode({"size": rle["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts})
+    with warnings.catch_warnings():  # pycocotools + numpy 2: a harmless __array__ copy warning
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return coco_mask.decode({"size": rle["size"], "counts": counts.encode("ascii") if isinstance(counts, str) else counts})
 
 
 def record_box(r: dict[str, Any]) -> list[float] | None:
