@@ -111,7 +111,8 @@ def _reference(record: dict[str, Any], jsonl_path: Path, line_no: int) -> Refere
         box=tuple(float(v) for v in box) if box is not None else None,
         source="custom",
         meta=meta,
-        mask_source=CocoMask(seg, hw[0], hw[1], "union", f"{jsonl_path}:{line_no} mask"),
+        mask_source=CocoMask(seg, hw[0], hw[1], "union",
+                             f"{jsonl_path}:{line_no} field {'mask' if 'mask' in record else 'polygons'!r}"),
     )
 
 

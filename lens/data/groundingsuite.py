@@ -93,7 +93,7 @@ def _reference(item: object, line_no: int, jsonl_path: Path, image_root: Path,
         box=tuple(float(v) for v in box),
         source="groundingsuite",
         meta={"caption": item["caption"], "line": line_no, "height": hw[0], "width": hw[1]},
-        mask_source=CocoMask(seg, hw[0], hw[1], "sum", f"{where} segmentation"),
+        mask_source=CocoMask(seg, hw[0], hw[1], "sum", f"{where} field 'segmentation'"),
     )
 
 
