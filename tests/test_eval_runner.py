@@ -85,11 +85,11 @@ def test_end_to_end_files_and_tables(data_root, segmenter, tmp_path):
         assert 0.0 <= res["ciou"] <= 1.0 and 0.0 <= res["giou"] <= 1.0 and res["expressions_per_s"] > 0
         preds = [json.loads(x) for x in (tmp_path / f"{name}.predictions.jsonl").read_text().splitlines()]
         assert len(preds) == res["n"] and {"id", "text", "box", "mask", "iou"} <= set(preds[0])
-        h, w = coco_mask.decode({**preds[0]["mask"], "counts": preds[0]["mask"]["counts"].encode()}).shape
-        assert [h, w] == preds[0]["mask"]["size"]
+        assert all(p["benchmark"] == cfg.benchmarks[list(results).index(name)] for p in preds)
+        check_recorded_figures(preds, res, data_root)
         assert len(list((tmp_path / "overlays" / name).glob("*.png"))) == 2
     refcoco = results["refcoco_val"]
-    assert refcoco["n_box"] == refcoco["n"] and 0.0 <= refcoco["box_acc"] <= refcoco["box_miou"] + 1.0
+    assert refcoco["n_box"] == refcoco["n"] and "gres" not in refcoco  # RefCOCO has no no-target expressions
     assert results["reasonseg_test_cot"]["template"] == "samr1_v4" and results["reasonseg_val"]["llm_longest_side"] == 640
     n_images = len(list((data_root / "reason_seg/ReasonSeg/val").glob("*.jpg")))
     assert results["reasonseg_val"]["n"] == n_images  # lens protocol: text[0] per image
@@ -100,6 +100,37 @@ def test_end_to_end_files_and_tables(data_root, segmenter, tmp_path):
     assert "| custom_val |" in md and "ReasonSeg-Test (CoT)" in md
     cfg_file = yaml.safe_load((tmp_path / "config.yaml").read_text())
     assert cfg_file["benchmarks"] == benchmarks and cfg_file["resolved_device"] == "cpu"
+
+
+def check_recorded_figures(preds: list[dict], res: dict, data_root: Path) -> None:
+    """Every figure of ``res`` recomputed from its predictions lines, and each line's I, U, area and box
+    recomputed from its mask, box and the ground truth."""
+    from lens.data.registry import load_benchmark
+    from lens.data.transforms import box_from_llm_pixels, box_to_llm_pixels
+    from lens.evaluation.analysis import box_mask_analysis
+    from lens.evaluation.metrics import expression_iou, intersection_union
+    from lens.geometry import box_iou
+
+    kw = {"upstream_caption_cleanup": True} if res["dataset"] == "groundingsuite" else {}
+    refs = {r.ref_id: r for r in load_benchmark(res["benchmark"], data_root, **kw)}
+    for p in preds:
+        ref = refs[p["ref_id"]]
+        target = ref.load_mask()
+        mask = coco_mask.decode({**p["mask"], "counts": p["mask"]["counts"].encode()})
+        assert list(mask.shape) == p["mask"]["size"] == list(target.shape) == p["orig_hw"]
+        i, u = intersection_union(mask.astype(bool), target, res["protocol"])
+        assert (p["I"], p["U"], p["pred_area"]) == (int(i), int(u), int(mask.sum()))
+        assert p["iou"] == expression_iou(p["I"], p["U"]) and p["expression"] in ref.expressions
+        gt_llm = box_to_llm_pixels(ref.target_box(target), p["orig_hw"], p["llm_hw"])
+        assert p["box_iou"] == box_iou(p["box_llm"], gt_llm)
+        assert p["box"] == (box_from_llm_pixels(p["box_llm"], p["llm_hw"], p["orig_hw"]) if p["box_llm"] else None)
+        assert p["time_s"] > 0 and p["no_target"] is False and p["no_target_answer"] is False
+    n = len(preds)
+    assert res["n"] == n and res["ciou"] == sum(p["I"] for p in preds) / (sum(p["U"] for p in preds) + 1e-8)
+    assert res["giou"] == pytest.approx(sum(p["iou"] for p in preds) / (n + 1e-5), rel=1e-12)
+    assert res["n_box"] == n and res["box_acc"] == pytest.approx(sum(p["box_iou"] >= 0.5 for p in preds) / n)
+    assert res["box_miou"] == pytest.approx(sum(p["box_iou"] for p in preds) / n)
+    assert res["box_vs_mask"] == box_mask_analysis(preds)
 
 
 def test_limit_and_standard_protocol(data_root, segmenter, tmp_path):
@@ -204,6 +235,14 @@ def test_cli_yaml_override_and_cot_parsing(tmp_path):
     assert len(parse_benchmarks(resolve_config(["--config", str(REPO / "configs/eval/paper.yaml")]).benchmarks)) == 13
     with pytest.raises(ValueError, match="unknown evaluation option"):
         EvalConfig.from_dict({"modle": "tiny"})
+    cfg = resolve_config(["--predictions", "p.jsonl", "--allow-missing", "--overlays-filter", "mask_rescues_box"])
+    assert (cfg.predictions, cfg.allow_missing, cfg.overlays_filter, cfg.model) == ("p.jsonl", True, "mask_rescues_box", None)
+    cfg.validate()  # no model needed to score predictions
+    assert cfg.label == "predictions:p.jsonl" and str(cfg.out_dir()) == "outputs/eval/predictions-p.jsonl"
+    with pytest.raises(ValueError, match="allow_missing only applies to --predictions"):
+        EvalConfig(model="tiny", allow_missing=True).validate()
+    with pytest.raises(ValueError, match="unknown overlays_filter"):
+        EvalConfig(model="tiny", overlays_filter="worst").validate()
 
 
 def test_expressions_ordered_by_image(data_root):
