@@ -106,12 +106,26 @@ def test_rle_round_trips_str_and_uncompressed_counts():
 
 @pytest.mark.parametrize(
     "seg, msg",
-    [([], "non-empty"), ([[1, 2, 3, 4]], "even number"), ([[1, 2, "x", 4, 5, 6]], "numbers"),
-     ({"size": [3], "counts": "abc"}, "size"), ({"size": [2, 2], "counts": [1, 1]}, "sum to")],
+    [([], "non-empty"), ([[1, 2, 3, 4]], "no polygon part has >= 3 points"), ([[1, 2, 3, 4, 5]], "even number"),
+     ([[1, 2, "x", 4, 5, 6]], "numbers"), ([[1, 2, float("nan"), 4, 5, 6]], "non-finite"),
+     ({"size": [3], "counts": "abc"}, "size"), ({"size": [2, 2], "counts": [1, 1]}, "sum to"),
+     ({"size": [2, 2], "counts": "b'4'"}, "holds \"'\" at position 1")],
 )
 def test_malformed_segmentations_rejected(seg, msg):
     with pytest.raises(ValueError, match=msg):
         validate_segmentation(seg, "ann 42")
+
+
+def test_degenerate_polygon_parts_dropped_and_rle_strings_checked():
+    square = [1, 1, 5, 1, 5, 5, 1, 5]
+    ref = decode_segmentation([square], 8, 8)
+    # a 2-point part first would make pycocotools read every part as a box: it is dropped instead
+    assert np.array_equal(decode_segmentation([[6, 6, 7, 7], square], 8, 8), ref)
+    rle = encode_rle(ref)
+    with pytest.raises(ValueError, match="ann 1: cannot decode.*end inside a value"):
+        decode_segmentation({"size": [8, 8], "counts": rle["counts"] + "o"}, 8, 8, what="ann 1")  # 'o': "more" bit
+    with pytest.raises(ValueError, match="cover"):
+        decode_segmentation({"size": [8, 8], "counts": rle["counts"] + "1"}, 8, 8)
 
 
 def test_rle_size_mismatch_rejected():
