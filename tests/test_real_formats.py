@@ -267,6 +267,13 @@ def test_refer_py2_pickle_latin1_bom_instances_rle_variants(refer_root):
     np.testing.assert_array_equal(decode_segmentation({"size": [3, 4], "counts": b"1234"}, 3, 4), RLE_1234)  # bytes
 
 
+def test_refer_protocol0_py2_pickle(tmp_path):
+    # cPickle's default protocol 0 (text opcodes), Python 2 str holding latin-1 bytes
+    path = tmp_path / "refs(unc).p"
+    path.write_bytes(b"(lp0\n(dp1\nS'sent'\np2\nS'caf\\xe9'\np3\nsS'ref_id'\np4\nI7\nsa.")
+    assert safe_load_pickle(path) == [{"sent": "caf\u00e9", "ref_id": 7}]
+
+
 def _rewrite_instances(root: Path, edit) -> Path:
     path = root / "refer_seg/refcoco/instances.json"
     data = json.loads(path.read_text(encoding="utf-8-sig"))
@@ -485,6 +492,10 @@ def test_grefcoco_multi_no_and_single_target(gref_root):
 
 def test_grefcoco_no_target_in_a_dataset_item(gref_root):
     from lens.data.dataset import GroundingDataset
+    from lens.training.data import load_source
+
+    assert [r.ref_id for r in load_source("grefcoco:val", gref_root)] == ["grefcoco/100", "grefcoco/101"]
+    assert [r.ref_id for r in load_source("grefcoco", gref_root)] == ["grefcoco/103"]  # default split: train
 
     none = load_grefcoco(gref_root, "val")[1]
     item = GroundingDataset([none], sam_size=32)[0]
