@@ -117,3 +117,48 @@ def test_markdown_gres_table():
     md = results_markdown(res, "m", "lens")
     assert "### Generalized referring segmentation (GRES metrics)" in md
     assert "| gRefCOCO val | 48.4 | 47.0 | 50.0 | 66.7 | 2 / 5 |" in md
+
+
+# ---------------------------------------------------------------------------- gRefCOCO through the runner
+
+
+def test_grefcoco_benchmark_reports_gres(tmp_path):
+    """Synthetic gRefCOCO scored from predictions files: the ground truth itself, and the whole image."""
+    import json
+
+    from lens.data.masks import encode_rle
+    from lens.data.registry import BENCHMARKS, load_benchmark
+    from lens.data.synthetic import generate_synthetic
+    from lens.evaluation.config import build_expressions, parse_benchmarks
+    from lens.evaluation.runner import EvalConfig, run_evaluation
+
+    if "grefcoco_val" not in BENCHMARKS:
+        pytest.skip("the gRefCOCO loader is not registered")
+    root = tmp_path / "data"
+    generate_synthetic(root, seed=1, n_train=1, n_val=4, n_test=1, image_size=64)
+    if not (root / "refer_seg/grefcoco").is_dir():
+        pytest.skip("the synthetic generator writes no gRefCOCO files")
+    spec = parse_benchmarks(["grefcoco_val"])[0]
+    exprs = build_expressions(load_benchmark("grefcoco_val", root), spec, "lens", None)
+    masks = {e.id: e.ref.load_mask() for e in exprs}
+    nt = [bool(e.ref.meta["no_target"]) for e in exprs]
+    assert any(nt) and not all(nt)
+    assert all((masks[e.id] == 0).all() == e.ref.meta["no_target"] for e in exprs)  # the loader's contract
+
+    def scored(name, make):
+        lines = [{"benchmark": "grefcoco_val", "id": e.id, "mask": encode_rle(make(masks[e.id]))} for e in exprs]
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+        cfg = EvalConfig(predictions=str(tmp_path / f"{name}.jsonl"), data_root=str(root), out=str(tmp_path / name))
+        return run_evaluation(cfg)["grefcoco_val"]
+
+    gt = scored("gt", lambda m: m > 0)["gres"]
+    assert (gt["ciou"], gt["giou"], gt["n_acc"], gt["t_acc"], gt["FP"], gt["FN"]) == (1.0, 1.0, 1.0, 1.0, 0, 0)
+    full = scored("full", lambda m: np.ones(m.shape, bool))
+    g = full["gres"]
+    areas = [m.size for m in masks.values()]
+    fg = [int((m > 0).sum()) for m in masks.values()]
+    assert (g["n_acc"], g["t_acc"], g["TN"], g["FP"]) == (0.0, 1.0, 0, sum(nt))
+    assert g["ciou"] == pytest.approx(sum(fg) / sum(areas), rel=1e-12)  # no-target ones add the whole image to U
+    assert g["giou"] == pytest.approx(sum(f / a for f, a, n in zip(fg, areas, nt) if not n) / len(exprs), rel=1e-12)
+    md = (tmp_path / "full" / "results.md").read_text()
+    assert f"| gRefCOCO val | {100 * g['ciou']:.1f} | {100 * g['giou']:.1f} | 0.0 | 100.0 | {sum(nt)} / {len(exprs)} |" in md
