@@ -101,6 +101,14 @@ def test_reasonseg_cp1252_ignore_flag_thin_polygon(reasonseg_root):
     np.testing.assert_array_equal(mask, expected)
 
 
+def test_reasonseg_mask_has_the_image_size_not_the_json_size(reasonseg_root):
+    dog = reasonseg_root / "reason_seg/ReasonSeg/val/dog.json"
+    dog.write_bytes(REASONSEG_CP1252.replace(b'"imageHeight": 10', b'"imageHeight": 20'))
+    ref = load_reasonseg(reasonseg_root, "val")[0]
+    assert ref.meta["height"] == 20  # as written in the file
+    np.testing.assert_array_equal(ref.load_mask(), REASONSEG_EXPECTED)  # drawn on the 12 x 10 image, as upstream
+
+
 def test_reasonseg_rasteriser_is_the_one_training_uses(reasonseg_root):
     from lens.data.dataset import GroundingDataset
 

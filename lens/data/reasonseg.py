@@ -58,7 +58,9 @@ class ReasonSegMask:
     what: str = "ReasonSeg annotation"
 
     def load(self, image_path: Path) -> np.ndarray:
-        h, w = (self.height, self.width) if self.height and self.width else image_size(image_path)
+        # Drawn at the size of the image file, as upstream (which draws on cv2.imread's array); the
+        # JSON's imageHeight / imageWidth (kept in ``height`` / ``width`` and the meta) are not used.
+        h, w = image_size(image_path)
         return paint_shapes(self.shapes, h, w, self.what)
 
 
