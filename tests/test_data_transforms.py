@@ -7,7 +7,12 @@ import pytest
 import torch
 from PIL import Image
 
-from lens.data.masks import decode_segmentation, encode_rle, polygon_mask, validate_segmentation
+from lens.data.masks import (
+    decode_segmentation,
+    encode_rle,
+    polygon_mask,
+    validate_segmentation,
+)
 from lens.data.transforms import (
     ImageReadError,
     box_from_llm_pixels,

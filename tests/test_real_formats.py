@@ -15,7 +15,14 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lens.data import load_benchmark, load_custom, load_grefcoco, load_groundingsuite, load_reasonseg, load_refer
+from lens.data import (
+    load_benchmark,
+    load_custom,
+    load_grefcoco,
+    load_groundingsuite,
+    load_reasonseg,
+    load_refer,
+)
 from lens.data.masks import decode_segmentation, rasterise_labelme, rle_string_counts
 from lens.data.refer import safe_load_pickle
 

@@ -9,7 +9,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lens.data import load_custom, load_grefcoco, load_groundingsuite, load_reasonseg, load_refer
+from lens.data import (
+    load_custom,
+    load_grefcoco,
+    load_groundingsuite,
+    load_reasonseg,
+    load_refer,
+)
 from lens.data.masks import polygon_mask
 from lens.data.synthetic import (
     COLOURS,

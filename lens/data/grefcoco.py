@@ -70,14 +70,11 @@ def load_grefcoco(
     tree = expected_tree(split_by)
     ds_dir = root / "refer_seg" / DATASET
     refs_json, refs_pickle = ds_dir / f"grefs({split_by}).json", ds_dir / f"grefs({split_by}).p"
-    if refs_json.is_file():
-        refs_path = refs_json
-        refs, _ = read_json(refs_json, ("utf-8",), "gRefCOCO refs")
-    elif refs_pickle.is_file():
-        refs_path = refs_pickle
-        refs = safe_load_pickle(refs_pickle)
+    if not refs_json.is_file() and refs_pickle.is_file():
+        refs_path, refs = refs_pickle, safe_load_pickle(refs_pickle)
     else:
         refs_path = require(refs_json, root, tree, "gRefCOCO refs file")
+        refs, _ = read_json(refs_path, ("utf-8",), "gRefCOCO refs")
     inst_path = require(ds_dir / "instances.json", root, tree, "gRefCOCO instances.json")
     image_dir = require(root / IMAGE_DIR, root, tree, "gRefCOCO image directory")
     if not isinstance(refs, list):

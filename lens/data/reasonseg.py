@@ -28,7 +28,12 @@ import numpy as np
 
 from lens.data.base import Reference, require
 from lens.data.files import IMAGE_EXTENSIONS, read_json
-from lens.data.masks import LABELME_IGNORE, LABELME_TARGET, labelme_points, rasterise_labelme
+from lens.data.masks import (
+    LABELME_IGNORE,
+    LABELME_TARGET,
+    labelme_points,
+    rasterise_labelme,
+)
 from lens.data.transforms import image_size
 
 SPLITS = ("train", "val", "test", "explanatory")

@@ -20,7 +20,11 @@ from typing import Any, Callable
 from lens.data.base import Reference
 from lens.data.custom import load_custom
 from lens.data.grefcoco import load_grefcoco
-from lens.data.groundingsuite import DEFAULT_IMAGE_DIR, DEFAULT_JSONL, load_groundingsuite
+from lens.data.groundingsuite import (
+    DEFAULT_IMAGE_DIR,
+    DEFAULT_JSONL,
+    load_groundingsuite,
+)
 from lens.data.reasonseg import load_reasonseg
 from lens.data.refer import load_refer
 

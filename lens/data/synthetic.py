@@ -566,7 +566,7 @@ class _Writer:
         groups = _groups(scene)
         for k in rng.permutation(len(groups))[: int(rng.integers(1, 3))]:
             colour, shape = groups[int(k)]
-            texts = _distinct(lambda: _group_text(colour, shape, rng), int(rng.integers(1, 3)))
+            texts = _distinct(lambda c=colour, s=shape: _group_text(c, s, rng), int(rng.integers(1, 3)))
             self._gref(scene, image_id, split, _matches(scene, colour, shape), texts, "multi")
         absent = _absent(scene)
         colour, shape = absent[int(rng.integers(len(absent)))]
