@@ -199,7 +199,9 @@ def test_png_masks_and_other_keys(hand, tmp_path):
         index.append({"image": image, "expression": expr, "png": f"{k:04d}.png"})
     out_lines = [{"benchmark": "custom:hand.jsonl", "image": x["image"], "expression": x["expression"],
                   "mask": f"pngs/{x['png']}"} for x in index]
-    png = score(write_lines(tmp_path / "png.jsonl", out_lines), hand, tmp_path / "png")["custom_hand"]
+    png = score(write_lines(tmp_path / "png.jsonl", out_lines), hand, tmp_path / "png", save_predictions=True)["custom_hand"]
+    again = score(tmp_path / "png" / "custom_hand.predictions.jsonl", hand, tmp_path / "png2")["custom_hand"]
+    assert metric_view(again) == metric_view(png)  # re-saved as RLE, still without box figures
     rle = score(write_lines(tmp_path / "rle.jsonl", hand_lines()), hand, tmp_path / "rle")["custom_hand"]
     assert (png["n"], png["ciou"], png["giou"], png["gres"]) == (rle["n"], rle["ciou"], rle["giou"], rle["gres"])
     assert png["n_box"] == 0 and "box_vs_mask" not in png  # no box field: no box figures

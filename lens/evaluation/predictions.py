@@ -322,7 +322,9 @@ def prediction_line(spec: SplitSpec, e: Expression, r: dict[str, Any]) -> dict[s
     from lens.evaluation.metrics import expression_iou
 
     line = {"benchmark": spec.token, "id": e.id, "ref_id": str(e.ref.ref_id), "image": str(e.ref.image_path),
-            "expression": e.text, "mask": r["rle"], "box": r.get("box")}
+            "expression": e.text, "mask": r["rle"]}
+    if "box" in r:  # a scored file without boxes stays without boxes
+        line["box"] = r["box"]
     if r.get("llm_hw") is not None:
         line.update(box_llm=r.get("box_llm"), llm_hw=r["llm_hw"])
     line.update(text=r.get("text"), score=r.get("score"), time_s=r.get("time_s"))
