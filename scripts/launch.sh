@@ -3,30 +3,52 @@
 # GPU nodes: torchrun (or accelerate with LAUNCHER=accelerate) over NNODES x GPUS_PER_NODE processes,
 #   rendezvous from NODE_RANK, MASTER_ADDR, MASTER_PORT (set them on every node; same command everywhere).
 #   DeepSpeed ZeRO-3 comes from the recipe's train.deepspeed (configs/deepspeed/zero3.json).
-# No GPU: runs the tiny recipe of STAGE on the CPU (preparing synthetic data and the warm-up if missing).
+# No GPU:
+#   - no recipe and no GPUS_PER_NODE: the tiny recipe of STAGE in one CPU process (preparing synthetic data and
+#     the earlier tiny stages if missing);
+#   - GPUS_PER_NODE=N: N CPU processes over gloo (DeepSpeed's CPU accelerator for train.deepspeed) with RECIPE
+#     (default: the tiny one);
+#   - a GPU recipe (train.use_cpu not true) stops with a message, unless LENS_ALLOW_CPU=1.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 STAGE="${1:?usage: launch.sh stage1|stage2 [recipe.yaml] [--resume] [key=value ...]}"; shift
+case "$STAGE" in warmup|stage1|stage2) ;; *) echo "[launch] unknown stage '$STAGE': expected warmup, stage1 or stage2" >&2; exit 2 ;; esac
 PY="python"; [ -x .venv/bin/python ] && PY=".venv/bin/python"
 GPUS_DETECTED="$($PY -c 'import torch; print(torch.cuda.device_count())' 2>/dev/null || echo 0)"
 
 RECIPE=""
 if [ $# -gt 0 ] && [[ "$1" == *.yaml ]]; then RECIPE="$1"; shift; fi
-
-if [ "$GPUS_DETECTED" -eq 0 ]; then
-  RECIPE="${RECIPE:-configs/recipes/tiny/$STAGE.yaml}"
-  echo "[launch] no GPU found: running $RECIPE on the CPU"
-  bash scripts/tiny_prereqs.sh "$STAGE"
-  exec $PY -m lens.training --recipe "$RECIPE" "$@"
-fi
-
-RECIPE="${RECIPE:-configs/recipes/$STAGE.yaml}"
 NNODES="${NNODES:-1}"
-GPUS_PER_NODE="${GPUS_PER_NODE:-$GPUS_DETECTED}"
 NODE_RANK="${NODE_RANK:-0}"
 MASTER_ADDR="${MASTER_ADDR:-127.0.0.1}"
 MASTER_PORT="${MASTER_PORT:-29500}"
+
+if [ "$GPUS_DETECTED" -eq 0 ]; then
+  RECIPE="${RECIPE:-configs/recipes/tiny/$STAGE.yaml}"
+  OVERRIDES=(); for a in "$@"; do [[ "$a" == --* ]] || OVERRIDES+=("$a"); done
+  # "<use_cpu> <prereqs>": prereqs = the recipe stands on tiny outputs (outputs/quickstart/...) that are missing
+  read -r ON_CPU PREREQS < <($PY -c 'import sys; from pathlib import Path; from lens.training.recipe import load_recipe
+r = load_recipe(sys.argv[1], sys.argv[2:]); paths = [str(r["data"].get("root", "")), str(r["model"]["init"])]
+need = any(p.startswith("outputs/quickstart") and not Path(p).exists() for p in paths)
+print(str(bool(r["train"].get("use_cpu"))).lower(), str(need).lower())' "$RECIPE" "${OVERRIDES[@]}")
+  if [ "$ON_CPU" != "true" ] && [ "${LENS_ALLOW_CPU:-0}" != "1" ]; then
+    echo "[launch] no GPU found and $RECIPE is a GPU recipe (train.use_cpu is not true): stopping." >&2
+    echo "[launch] Use a CPU recipe (configs/recipes/tiny/), or run it on the CPU anyway with LENS_ALLOW_CPU=1 and train.use_cpu=true." >&2
+    exit 2
+  fi
+  [ "$PREREQS" = "true" ] && bash scripts/tiny_prereqs.sh "$STAGE"
+  NPROC="${GPUS_PER_NODE:-1}"
+  echo "[launch] no GPU found: $RECIPE on $NNODES node(s) x $NPROC CPU process(es)"
+  if [ "$NPROC" -eq 1 ] && [ "$NNODES" -eq 1 ]; then
+    exec $PY -m lens.training --recipe "$RECIPE" "$@"
+  fi
+  exec $PY -m torch.distributed.run --nnodes "$NNODES" --nproc_per_node "$NPROC" --node_rank "$NODE_RANK" \
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m lens.training --recipe "$RECIPE" "$@"
+fi
+
+RECIPE="${RECIPE:-configs/recipes/$STAGE.yaml}"
+GPUS_PER_NODE="${GPUS_PER_NODE:-$GPUS_DETECTED}"
 echo "[launch] $RECIPE on $NNODES node(s) x $GPUS_PER_NODE GPU(s), node rank $NODE_RANK, master $MASTER_ADDR:$MASTER_PORT"
 if [ "${LAUNCHER:-torchrun}" = "accelerate" ]; then
   exec $PY -m accelerate.commands.launch --num_machines "$NNODES" --num_processes "$((NNODES * GPUS_PER_NODE))" \

@@ -15,6 +15,7 @@ from transformers.utils import ModelOutput
 from .config import LensConfig
 from .context import QueryConnector, build_proj_to_sam
 from .heads import token_log_probs
+from .zero3 import gathered
 from .sam import SamFeatures, build_sam, decode_masks, decode_masks_per_sample, encode_images
 
 
@@ -125,7 +126,8 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             module._is_hf_initialized = False
             for param in module.parameters(recurse=False):
                 param._is_hf_initialized = False
-        with torch.no_grad():
+        params = [self.learnable_query, *(p for m in modules for p in m.parameters(recurse=False))]
+        with torch.no_grad(), gathered(params, modify=True):  # ZeRO-3: initialise the full tensors on rank 0
             for module in modules:
                 self._init_weights(module)
             init.normal_(self.learnable_query, mean=0.0, std=0.02)

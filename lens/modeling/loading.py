@@ -13,6 +13,7 @@ from safetensors.torch import save_file
 
 from .config import LensConfig
 from .sam import build_sam, load_sam_checkpoint
+from .zero3 import gathered
 
 logger = logging.getLogger(__name__)
 
@@ -97,10 +98,20 @@ def finish_from_pretrained(model, kind: str, missing: set[str], sam_checkpoint: 
         elif kind != "qwen":
             logger.warning("%d SAM2 weights were missing from the checkpoint: SAM2 is randomly initialised", len(missing_sam))
         dtype = model.learnable_query.dtype
-        model.sam.load_state_dict(fresh.to(dtype).state_dict())
-    bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        with gathered(list(model.sam.parameters()), modify=True):  # ZeRO-3: load into the full tensors
+            model.sam.load_state_dict(fresh.to(dtype).state_dict())
+    check_weights(model)
+
+
+def check_weights(model) -> None:
+    """Every weight finite and non-empty (under ZeRO-3 each is gathered to be checked, so none passes vacuously)."""
+    bad = []
+    for name, param in model.named_parameters():
+        with gathered([param]):
+            if param.numel() == 0 or not torch.isfinite(param).all():
+                bad.append(name)
     if bad:
-        raise ValueError(f"non-finite weights after loading: {bad[:5]}")
+        raise ValueError(f"empty or non-finite weights after loading: {bad[:5]}")
 
 
 def released_state_dict(model) -> dict[str, torch.Tensor]:

@@ -148,30 +148,34 @@ def lora_config(cfg: dict[str, Any] | None):
 
 
 # ---------------------------------------------------------------------- the procedure
-def build_trainer(recipe: dict[str, Any]):
-    """Model, processor, data and trainer of a recipe (writes the resolved config next to the outputs)."""
+def build_trainer(recipe: dict[str, Any], policy: tuple | None = None):
+    """Model, processor, data and trainer of a recipe (rank 0 writes the resolved config next to the outputs).
+
+    `policy`: an already built (model, processor) to train instead of loading `model.init` (e.g. a smoke test that
+    builds the 3B preset once for several phases)."""
     stage, train_cfg = recipe["stage"], dict(recipe["train"])
     seed = int(train_cfg.setdefault("seed", 42))
-    out = Path(train_cfg["output_dir"])
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "config.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
     set_seed(seed)
     train_cfg.setdefault("remove_unused_columns", False)
     train_cfg.setdefault("report_to", "tensorboard")
+    # every trainable parameter is used inside the one wrapped forward, so DDP needs no search for unused ones
+    train_cfg.setdefault("ddp_find_unused_parameters", False)
     if train_cfg.get("gradient_checkpointing"):
         train_cfg.setdefault("gradient_checkpointing_kwargs", {"use_reentrant": False})
 
     if stage == "stage2":
         from trl import GRPOConfig
 
-        # the masks are decoded from query states captured inside the DDP forward but outside its module call:
-        # a static graph (the same every step) lets DDP reduce those gradients correctly
-        train_cfg.setdefault("ddp_static_graph", True)
         args = GRPOConfig(**train_cfg, **recipe.get("grpo", {}))
     else:
         args = TrainingArguments(**train_cfg)  # created before the model: ZeRO-3 init needs it
+    init_deepspeed_comm(args)
+    out = Path(args.output_dir)
+    if args.process_index == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "config.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
 
-    model, processor = load_policy(recipe["model"], seed)
+    model, processor = policy if policy is not None else load_policy(recipe["model"], seed)
     data = recipe["data"]
     set_pixel_limits(processor, data.get("min_pixels", 3136), data.get("max_pixels", 1_000_000))
     processor.tokenizer.padding_side = "left"
@@ -190,7 +194,8 @@ def build_trainer(recipe: dict[str, Any]):
             model=model, reward_funcs=get_reward_funcs(recipe.get("rewards", ["box_iou", "mask_iou"])), args=args,
             train_dataset=grpo_dataset(dataset), processing_class=processor, peft_config=lora_config(recipe.get("lora")),
             seg_weight=loss.get("seg_weight", 1.0), bce_weight=loss.get("bce_weight", 1.0),
-            dice_weight=loss.get("dice_weight", 1.0), reference_init=None if str(init).startswith("preset:") else init,
+            dice_weight=loss.get("dice_weight", 1.0),
+            reference_init=None if policy is not None or str(init).startswith("preset:") else init,
             flow=recipe.get("flow", "fast"), lr_multipliers=recipe.get("lr_multipliers"),
         )
     else:
@@ -209,17 +214,48 @@ def build_trainer(recipe: dict[str, Any]):
     return trainer
 
 
+def init_deepspeed_comm(args) -> None:
+    """DeepSpeed on CPU processes: accelerate starts torch.distributed (gloo) but not DeepSpeed's communicator, whose
+    world size ZeRO-3's model init and batch checks read; hand it the existing process group."""
+    import torch.distributed as dist
+
+    if args.deepspeed and dist.is_available() and dist.is_initialized():
+        import deepspeed
+
+        if not deepspeed.comm.is_initialized():
+            deepspeed.init_distributed(dist_backend=dist.get_backend())
+
+
 def run(recipe: dict[str, Any], resume: bool = False) -> Path:
-    """Train one recipe; returns the folder of the final checkpoint."""
+    """Train one recipe; returns the folder of the final checkpoint (a full LENS checkpoint, LoRA merged)."""
     trainer = build_trainer(recipe)
     out = Path(trainer.args.output_dir)
     trainer.train(resume_from_checkpoint=resume_checkpoint(out) if resume else None)
     final = out / "final"
-    trainer.save_model(str(final))
-    trainer.processing_class.save_pretrained(final)
-    trainer.state.save_to_json(str(final / "trainer_state.json"))  # full log history incl. the run summary
-    (final / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    save_final(trainer, final, DTYPES[recipe["model"].get("dtype", "float32")])
+    if trainer.is_world_process_zero():
+        trainer.processing_class.save_pretrained(final)
+        trainer.state.save_to_json(str(final / "trainer_state.json"))  # full log history incl. the run summary
+        (final / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False))
+    trainer.accelerator.wait_for_everyone()
     return final
+
+
+def save_final(trainer, final: Path, dtype: torch.dtype) -> None:
+    """The final checkpoint in the recipe's model dtype, loadable by `LensForConditionalGeneration.from_pretrained`.
+
+    DeepSpeed: every rank takes part (ZeRO-3 gathers the 16-bit weights). LoRA: the adapter is merged into the
+    language model and the full model is written. fp32 master weights (16-bit model without DeepSpeed) are cast
+    back to the model dtype."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    if trainer.is_deepspeed_enabled:
+        trainer.save_model(str(final))
+        return
+    if hasattr(model, "peft_config"):
+        model = model.merge_and_unload()
+        trainer.model = model
+    if trainer.is_world_process_zero():
+        model.to(dtype).save_pretrained(str(final))
 
 
 def resume_checkpoint(out: Path) -> str:

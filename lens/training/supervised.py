@@ -3,6 +3,7 @@ preset's warm-up (next-token loss on the answer, optionally plus the segmentatio
 
 from __future__ import annotations
 
+import logging
 from collections import OrderedDict
 
 import torch
@@ -10,8 +11,10 @@ from transformers import Trainer
 
 from lens.losses import segmentation_loss
 from lens.modeling.sam import SamFeatures
+from lens.modeling.zero3 import zero3_enabled
 from lens.training.trainable import GroupLRMixin, prepare_model_for_training
 
+logger = logging.getLogger(__name__)
 OBJECTIVE_PARTS = ("lm", "seg")  # next-token loss on the answer, BCE + dice of the query-forward masks
 
 
@@ -66,6 +69,10 @@ class SupervisedLensTrainer(GroupLRMixin, Trainer):
         self.objective = parts
         self.lr_multipliers = dict(lr_multipliers or {})
         self.weights = {"bce": bce_weight, "dice": dice_weight, "lm": lm_weight, "seg": seg_weight}
+        if cache_sam_features and zero3_enabled():
+            # a cache hit skips the encoding call on one rank only: ZeRO-3's gathers must run on every rank alike
+            logger.warning("cache_sam_features is off under DeepSpeed ZeRO-3 (every rank encodes every batch)")
+            cache_sam_features = False
         self.sam_cache = SamFeatureCache() if cache_sam_features else None
         self._parts: dict[str, list[float]] = {}
 
