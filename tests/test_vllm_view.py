@@ -143,8 +143,9 @@ class FakeLLM:
         return outs
 
 
-class ViewTrainer(VLLMViewMixin, LensGRPOTrainer):
-    """What LensGRPOTrainer becomes with the mixin first among its bases."""
+# LensGRPOTrainer with the mixin first among its bases (once grpo.py lists it, the class itself)
+ViewTrainer = (LensGRPOTrainer if issubclass(LensGRPOTrainer, VLLMViewMixin)
+               else type("ViewTrainer", (VLLMViewMixin, LensGRPOTrainer), {}))
 
 
 @pytest.fixture()
