@@ -16,13 +16,27 @@ from PIL import Image
 from lens.visualize import overlay
 
 
-def load_segmenter(model: str | None):
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def resolve_device_dtype(device: str, dtype: str):
+    """`auto`: CUDA and bfloat16 where a GPU is visible, else CPU and float32 (as eval.sh)."""
+    import torch
+
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    if dtype == "auto":
+        dtype = "bfloat16" if device.startswith("cuda") else "float32"
+    return device, getattr(torch, dtype)
+
+
+def load_segmenter(model: str | None, device: str = "auto", dtype: str = "auto"):
     from lens import Segmenter
 
+    device, torch_dtype = resolve_device_dtype(device, dtype)
     if model is None:
         print("[demo] no --model given: using the randomly initialised `tiny` preset, so its masks are untrained.")
-        return Segmenter.from_pretrained("tiny", max_new_tokens=32)
-    return Segmenter.from_pretrained(model)
+        return Segmenter.from_pretrained("tiny", device=device, dtype=torch_dtype, max_new_tokens=32)
+    return Segmenter.from_pretrained(model, device=device, dtype=torch_dtype)
 
 
 def run_gradio(segmenter) -> None:
@@ -51,6 +65,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=Path("demo_overlay.png"), help="overlay PNG to write")
     ap.add_argument("--cot", action="store_true", help="ask for <think> reasoning before the answer")
     ap.add_argument("--gradio", action="store_true", help="start a web UI instead")
+    ap.add_argument("--dtype", choices=DTYPES, default="auto", help="model dtype (auto: bfloat16 on CUDA, else float32)")
+    ap.add_argument("--device", default="auto", help="cpu, cuda, cuda:1, ... (auto: cuda when available)")
     args = ap.parse_args(argv)
 
     if not args.gradio and (args.image is None or not args.prompt):
@@ -58,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
     from lens.data.transforms import load_rgb
 
     image = load_rgb(args.image) if not args.gradio else None  # fail fast on a bad image path
-    segmenter = load_segmenter(args.model)
+    segmenter = load_segmenter(args.model, args.device, args.dtype)
     if args.gradio:
         run_gradio(segmenter)
         return 0

@@ -129,46 +129,37 @@ def test_tiny_recipe_trains_one_step(name, synthetic_root, tiny_checkpoint, tmp_
 
 
 def check_lora(trainer, final: Path, init: Path) -> None:
-    """Adapter-only save; base LM/vision weights untouched; LoRA and modules_to_save weights trained."""
+    """The run ends with a merged, full LENS checkpoint (and the adapter beside it): LoRA deltas merged into the LM,
+    modules_to_save copies trained, learnable queries untouched; the adapter reloads to the same merged weights."""
     from peft import PeftModel
 
     from lens.modeling import LensForConditionalGeneration
 
-    assert isinstance(trainer.model, PeftModel) and trainer.ref_model is None  # reference = adapter disabled
-    assert not (final / "model.safetensors").exists()
-    config = json.loads((final / "adapter_config.json").read_text())
+    assert trainer.ref_model is None  # reference = adapter disabled
+    config = json.loads((final / "adapter" / "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"], config["lora_dropout"]) == (8, 16, 0.05)
-
-    before = load_file(str(init / "model.safetensors"))
-    trained = {k: v.detach() for k, v in trainer.model.get_base_model().state_dict().items()}
-    base, lora_b, saved_copy = {}, {}, {}
-    for key, value in trained.items():
-        if ".lora_B." in key:
-            lora_b[key] = value
-        elif ".lora_" in key or ".original_module." in key:
-            continue
-        elif ".modules_to_save.default." in key:
-            saved_copy[key.replace(".modules_to_save.default.", ".")] = value
-        else:
-            base[key.replace(".base_layer.", ".")] = value
-    assert lora_b and all(k.startswith("model.language_model.") for k in lora_b)
-    assert all(v.abs().sum() > 0 for v in lora_b.values())  # initialised at zero, moved by the step
-    assert {k.split(".")[-4] for k in lora_b} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
-                                                  "down_proj"}
-    frozen = {k for k in base if k in before and not torch.equal(before[k], base[k])}
-    assert not frozen, sorted(frozen)[:5]  # LM, vision, lm_head, learnable queries: exactly the initial weights
-    assert any(k.startswith("model.language_model.") for k in base) and "learnable_query" in base
-    changed = {k for k, v in saved_copy.items() if not torch.equal(before[k], v)}
-    for prefix in ("connector.", "conv_1d.", "proj_to_sam.", "sam.sam_mask_decoder."):
-        assert any(k.startswith(prefix) for k in changed), prefix  # fully trained copies moved
-
-    # the saved adapter holds exactly the LoRA matrices + modules_to_save copies, and reloads to the trained model
-    adapter = load_file(str(final / "adapter_model.safetensors"))
+    adapter = load_file(str(final / "adapter" / "adapter_model.safetensors"))
     for key in adapter:
         inner = key.removeprefix("base_model.model.")
         assert ".lora_" in inner or inner.startswith(MODULES_TO_SAVE), key
-    reloaded = PeftModel.from_pretrained(LensForConditionalGeneration.from_pretrained(init), final)
-    again = reloaded.get_base_model().state_dict()
-    assert set(again) == set(trained)
-    mismatched = [k for k in trained if not torch.equal(again[k], trained[k])]
+    lora_b = {k: v for k, v in adapter.items() if ".lora_B." in k}
+    assert lora_b and all(v.abs().sum() > 0 for v in lora_b.values())  # initialised at zero, moved by the step
+    assert {k.split(".")[-3] for k in lora_b} == {"q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj",
+                                                  "down_proj"}
+
+    before = load_file(str(init / "model.safetensors"))
+    merged = load_file(str(final / "model.safetensors"))
+    assert set(merged) == set(before)  # a full LENS checkpoint, no PEFT names
+    changed = {k for k in before if not torch.equal(before[k], merged[k])}
+    assert any(k.startswith("model.language_model.") and k.endswith("q_proj.weight") for k in changed)  # merged
+    assert not any(k.startswith(("model.visual.", "learnable_query", "sam.image_encoder.")) for k in changed)
+    for prefix in ("connector.", "conv_1d.", "proj_to_sam.", "sam.sam_mask_decoder."):
+        assert any(k.startswith(prefix) for k in changed), prefix  # fully trained copies moved
+    model, info = LensForConditionalGeneration.from_pretrained(final, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+
+    # the adapter, applied to the initial weights and merged, gives exactly the saved checkpoint
+    again = PeftModel.from_pretrained(LensForConditionalGeneration.from_pretrained(init), final / "adapter")
+    again = again.merge_and_unload().state_dict()
+    mismatched = [k for k in merged if not torch.allclose(again[k], merged[k], atol=1e-6)]
     assert not mismatched, mismatched[:5]

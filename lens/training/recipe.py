@@ -244,14 +244,16 @@ def run(recipe: dict[str, Any], resume: bool = False) -> Path:
 def save_final(trainer, final: Path, dtype: torch.dtype) -> None:
     """The final checkpoint in the recipe's model dtype, loadable by `LensForConditionalGeneration.from_pretrained`.
 
-    DeepSpeed: every rank takes part (ZeRO-3 gathers the 16-bit weights). LoRA: the adapter is merged into the
-    language model and the full model is written. fp32 master weights (16-bit model without DeepSpeed) are cast
+    DeepSpeed: every rank takes part (ZeRO-3 gathers the 16-bit weights). LoRA: the adapter goes to
+    `final/adapter`, then is merged into the language model and the full model is written. fp32 master weights (16-bit model without DeepSpeed) are cast
     back to the model dtype."""
     model = trainer.accelerator.unwrap_model(trainer.model)
     if trainer.is_deepspeed_enabled:
         trainer.save_model(str(final))
         return
     if hasattr(model, "peft_config"):
+        if trainer.is_world_process_zero():
+            model.save_pretrained(str(final / "adapter"))  # the adapter alone, for PEFT users
         model = model.merge_and_unload()
         trainer.model = model
     if trainer.is_world_process_zero():
