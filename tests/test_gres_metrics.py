@@ -122,22 +122,30 @@ def test_markdown_gres_table():
 # ---------------------------------------------------------------------------- gRefCOCO through the runner
 
 
-def test_grefcoco_benchmark_reports_gres(tmp_path):
+@pytest.fixture(scope="module")
+def gref_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    from lens.data.registry import BENCHMARKS
+    from lens.data.synthetic import generate_synthetic
+
+    if "grefcoco_val" not in BENCHMARKS:
+        pytest.skip("the gRefCOCO loader is not registered")
+    root = tmp_path_factory.mktemp("gref")
+    generate_synthetic(root, seed=1, n_train=1, n_val=4, n_test=1, image_size=64)
+    if not (root / "refer_seg/grefcoco").is_dir():
+        pytest.skip("the synthetic generator writes no gRefCOCO files")
+    return root
+
+
+def test_grefcoco_benchmark_reports_gres(gref_root, tmp_path):
     """Synthetic gRefCOCO scored from predictions files: the ground truth itself, and the whole image."""
     import json
 
     from lens.data.masks import encode_rle
-    from lens.data.registry import BENCHMARKS, load_benchmark
-    from lens.data.synthetic import generate_synthetic
+    from lens.data.registry import load_benchmark
     from lens.evaluation.config import build_expressions, parse_benchmarks
     from lens.evaluation.runner import EvalConfig, run_evaluation
 
-    if "grefcoco_val" not in BENCHMARKS:
-        pytest.skip("the gRefCOCO loader is not registered")
-    root = tmp_path / "data"
-    generate_synthetic(root, seed=1, n_train=1, n_val=4, n_test=1, image_size=64)
-    if not (root / "refer_seg/grefcoco").is_dir():
-        pytest.skip("the synthetic generator writes no gRefCOCO files")
+    root = gref_root
     spec = parse_benchmarks(["grefcoco_val"])[0]
     exprs = build_expressions(load_benchmark("grefcoco_val", root), spec, "lens", None)
     masks = {e.id: e.ref.load_mask() for e in exprs}
@@ -162,3 +170,37 @@ def test_grefcoco_benchmark_reports_gres(tmp_path):
     assert g["giou"] == pytest.approx(sum(f / a for f, a, n in zip(fg, areas, nt) if not n) / len(exprs), rel=1e-12)
     md = (tmp_path / "full" / "results.md").read_text()
     assert f"| gRefCOCO val | {100 * g['ciou']:.1f} | {100 * g['giou']:.1f} | 0.0 | 100.0 | {sum(nt)} / {len(exprs)} |" in md
+
+
+def test_model_run_no_target_answers_on_grefcoco(gref_root, tmp_path, monkeypatch):
+    """The tiny model on gRefCOCO with its answers replaced by "no target" for every other row: those rows
+    predict empty masks (N-acc counts them), the rest keep the query forward's mask."""
+    import json
+
+    from lens.evaluation.runner import EvalConfig, run_evaluation
+    from lens.inference import Segmenter
+
+    original = Segmenter.run_batch
+
+    def every_other_says_no_target(seg, images, prompts, *a, **kw):
+        out = original(seg, images, prompts, *a, **kw)
+        out.texts = [NO_TARGET_ANSWER if k % 2 == 0 else t for k, t in enumerate(out.texts)]
+        return out
+
+    monkeypatch.setattr(Segmenter, "run_batch", every_other_says_no_target)
+    seg = Segmenter.from_pretrained("tiny", max_new_tokens=3)
+    cfg = EvalConfig(model="tiny", data_root=str(gref_root), out=str(tmp_path), benchmarks=["grefcoco_val"],
+                     batch_size=4, max_new_tokens=3, save_predictions=True)
+    res = run_evaluation(cfg, seg)["grefcoco_val"]
+    lines = [json.loads(x) for x in (tmp_path / "grefcoco_val.predictions.jsonl").read_text().splitlines()]
+    said = [x for x in lines if x["no_target_answer"]]
+    n = len(lines)
+    assert len(said) == 2 * (n // 4) + (n % 4 + 1) // 2  # rows 0 and 2 of each batch of 4
+    assert all(x["pred_area"] == 0 and x["I"] == 0 and x["text"] == NO_TARGET_ANSWER for x in said)
+    assert all(x["pred_area"] > 0 for x in lines if not x["no_target_answer"])  # random logits: never empty here
+    g = res["gres"]
+    nt = [x for x in lines if x["no_target"]]
+    assert g["TN"] == sum(x["no_target_answer"] for x in nt) and g["FP"] == len(nt) - g["TN"]
+    assert g["FN"] == sum(x["no_target_answer"] for x in lines if not x["no_target"])
+    assert g["n_acc"] == pytest.approx(g["TN"] / len(nt)) and res["n"] == len(lines)
+    assert json.loads((tmp_path / "results.json").read_text())["splits"]["grefcoco_val"]["gres"] == g
