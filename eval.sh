@@ -11,7 +11,10 @@ PY=python
 if [ -x "$ROOT/.venv/bin/python" ]; then PY="$ROOT/.venv/bin/python"; fi
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 if [ $# -eq 0 ]; then  # no arguments: the CPU smoke run, tiny preset on synthetic data in every format
-  [ -f "$ROOT/data/synthetic/synthetic_meta.json" ] || "$PY" "$ROOT/tools/make_synthetic_data.py" --out "$ROOT/data/synthetic" --seed 0
+  # (re)generate when missing or written before the synthetic gRefCOCO existed
+  if [ ! -f "$ROOT/data/synthetic/synthetic_meta.json" ] || [ ! -f "$ROOT/data/synthetic/refer_seg/grefcoco/grefs(unc).json" ]; then
+    "$PY" "$ROOT/tools/make_synthetic_data.py" --out "$ROOT/data/synthetic" --seed 0
+  fi
   cd "$ROOT"
   set -- --config configs/eval/synthetic.yaml
 fi
