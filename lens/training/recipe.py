@@ -230,6 +230,9 @@ def run(recipe: dict[str, Any], resume: bool = False) -> Path:
     """Train one recipe; returns the folder of the final checkpoint (a full LENS checkpoint, LoRA merged)."""
     trainer = build_trainer(recipe)
     out = Path(trainer.args.output_dir)
+    if resume and trainer.args.save_only_model:
+        raise ValueError(f"--resume: {out} was trained with train.save_only_model=true, whose checkpoints hold no "
+                         "optimizer state; rerun with train.save_only_model=false to make resumable checkpoints")
     trainer.train(resume_from_checkpoint=resume_checkpoint(out) if resume else None)
     final = out / "final"
     save_final(trainer, final, DTYPES[recipe["model"].get("dtype", "float32")])
