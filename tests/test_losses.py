@@ -107,12 +107,14 @@ def test_bf16_logits_and_numpy_targets():
 
 
 def test_shape_errors():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="2 logit maps but 1 targets"):
         segmentation_loss(torch.zeros(2, 1, 4, 4), [torch.zeros(4, 4)])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"expected one mask channel, got shape \(1, 2, 4, 4\)"):
         segmentation_loss(torch.zeros(1, 2, 4, 4), [torch.zeros(4, 4)])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"target 0 must be \(H, W\), got shape \(1, 4, 4\)"):
         mask_iou_from_logits(torch.zeros(1, 4, 4), [torch.zeros(1, 4, 4)])
+    with pytest.raises(ValueError, match=r"logits must be \(B,1,h,w\) or \(B,h,w\), got \(4, 4\)"):
+        segmentation_loss(torch.zeros(4, 4), [torch.zeros(4, 4)])
 
 
 def test_mask_iou_from_logits_hand():

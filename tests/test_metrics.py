@@ -56,9 +56,9 @@ def test_foreground_mask_and_errors():
     assert fg.sum().item() == 4 and (~valid).sum().item() == 2
     with pytest.raises(ValueError, match="standard"):
         intersection_union(PRED, TARGET, "lisa")
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"pred \(3, 3\) and target \(2, 3\) must match"):
         intersection_union(PRED, TARGET[:2])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="unknown protocol 'lisa'; valid: lens, standard"):
         SegmentationMetrics("lisa")
 
 
@@ -127,12 +127,13 @@ def test_box_metrics_hand():
 
 def test_update_validates_lengths():
     m = SegmentationMetrics()
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="1 predictions but 2 targets"):
         m.update([PRED], [TARGET, TARGET])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="pred_boxes has 2 entries, expected 1"):
         m.update([PRED], [TARGET], pred_boxes=[None, None], gt_boxes=[[0, 0, 1, 1]])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"sample 0: pred \(3, 3\) vs target \(2, 3\)"):
         m.update([PRED], [TARGET[:2]])
+    assert m.records == []  # a rejected update leaves nothing behind
 
 
 def _rank_records(protocol):

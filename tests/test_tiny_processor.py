@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import time
 
 import numpy as np
 import pytest
 from PIL import Image
 from transformers import AutoProcessor, Qwen2_5_VLProcessor, Qwen2Tokenizer
 
+from lens.modeling import tiny_processor
 from lens.modeling.tiny_processor import (
     CHAT_TEMPLATE,
     QWEN_SPECIAL_TOKENS,
@@ -73,10 +73,21 @@ def _fingerprint(tokenizer) -> str:
     return hashlib.sha256(json.dumps([vocab, model["merges"]]).encode()).hexdigest()
 
 
-def test_build_is_fast_and_sized():
-    start = time.perf_counter()
+def test_build_trains_one_small_bpe_and_is_sized(monkeypatch):
+    # The build's cost is one BPE training over the built-in corpus (no wall-clock limit: counted work instead).
+    calls = []
+    original = tiny_processor._train_bpe
+
+    def counted(corpus, bpe_vocab_size):
+        calls.append((len(corpus), sum(map(len, corpus)), bpe_vocab_size))
+        return original(corpus, bpe_vocab_size)
+
+    monkeypatch.setattr(tiny_processor, "_train_bpe", counted)
     processor = build_tiny_processor()
-    assert time.perf_counter() - start < 2.0
+    assert len(calls) == 1
+    n_lines, n_chars, bpe_size = calls[0]
+    assert n_lines == len(tiny_processor.build_corpus()) and n_chars <= 250_000  # 2,510 lines, 190,853 characters
+    assert bpe_size == 1024 - len(QWEN_SPECIAL_TOKENS) - len(REASONING_TOKENS)
     tok = processor.tokenizer
     assert isinstance(tok, Qwen2Tokenizer) and tok.is_fast
     assert len(tok) == 1024
@@ -218,5 +229,5 @@ def test_extra_corpus_and_vocab_size():
     assert special_token_ids(small)["image_token_id"] == small.convert_tokens_to_ids("<|image_pad|>")
     big = build_tiny_tokenizer(vocab_size=4096)  # the corpus runs out of merges first
     assert len(big) <= 4096
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"vocab_size must be at least \d+ \(256 bytes \+ \d+ added tokens \+ 1\)"):
         build_tiny_tokenizer(vocab_size=200)
