@@ -2,11 +2,13 @@
 
 The reference flow does what the original does: SAM2 encodes the image once per rollout or expression, the
 mask decoder runs in a per-sample loop, and the GRPO policy log-probs and masks come from separate forwards.
-`tools/benchmark.py` times both flows; these tests prove that the speed costs nothing in the numbers.
+`tools/benchmark.py` times both flows (the reference flow is its `ReferenceFlowTrainer`, a subclass of the product
+trainer); these tests prove that the speed costs nothing in the numbers.
 """
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -15,10 +17,16 @@ import torch
 
 from lens.modeling import LensForConditionalGeneration
 from lens.modeling.sam import decode_masks, decode_masks_per_sample
-from lens.training.grpo import FLOWS, lens_module
+from lens.training.grpo import LensGRPOTrainer, lens_module
 from lens.training.recipe import build_trainer, load_recipe
 
-RECIPES = Path(__file__).resolve().parents[1] / "configs" / "recipes" / "tiny"
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+from tools.benchmark.reference_flow import ReferenceFlowTrainer  # noqa: E402
+
+RECIPES = REPO / "configs" / "recipes" / "tiny"
+FLOWS = ("fast", "reference")
 ROW_IMAGE = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])  # 8 rows (rollouts / expressions) over 3 images
 
 
@@ -31,6 +39,14 @@ def model(tiny_checkpoint):
 def sam_images():
     rng = np.random.default_rng(0)
     return torch.from_numpy(rng.integers(0, 256, (3, 3, 256, 256), dtype=np.uint8))
+
+
+def set_flow(trainer, flow: str) -> None:
+    """The one trainer under the product flow (`LensGRPOTrainer`) or the benchmark's `ReferenceFlowTrainer`."""
+    if flow == "reference":
+        ReferenceFlowTrainer.adopt(trainer)
+    else:
+        trainer.__class__ = LensGRPOTrainer
 
 
 def close(a: torch.Tensor, b: torch.Tensor, atol: float = 1e-5, rtol: float = 1e-5) -> None:
@@ -101,7 +117,7 @@ def grpo_batches(synthetic_root, tiny_checkpoint, tmp_path_factory):
     prompts = [first, second]  # two distinct images, so the row -> image index matters
     batches = {}
     for flow in FLOWS:
-        trainer.flow = flow
+        set_flow(trainer, flow)
         rows = [dict(prompts[i // g]) for i in range(2 * g)]
         torch.manual_seed(0)
         inputs = trainer._generate_and_score_completions(rows)
@@ -122,7 +138,7 @@ def test_both_flows_score_the_same_rollouts(grpo_batches):
 
 def run_flow(trainer, flow: str, batch: dict) -> dict[str, torch.Tensor]:
     """Per-token log-probs, mask logits, loss and a few gradients of `flow` on its own generation batch."""
-    trainer.flow = flow
+    set_flow(trainer, flow)
     trainer._banks["train"] = batch["sam"]
     inputs = batch["inputs"]
     model = trainer.model
@@ -160,6 +176,11 @@ def test_grpo_forward_fast_equals_reference_flow(grpo_batches):
         if name not in ("logps", "masks", "loss"):
             assert fast[name].abs().sum() > 0, name
             close(fast[name], ref[name], atol=1e-6, rtol=1e-3)
+
+
+def test_product_trainer_refuses_another_flow():
+    with pytest.raises(ValueError, match="ReferenceFlowTrainer in tools/benchmark/reference_flow.py"):
+        LensGRPOTrainer(flow="reference")  # checked first, before any other argument is read
 
 
 # ---------------------------------------------------------------------- (4) batched evaluation

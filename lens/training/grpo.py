@@ -75,9 +75,6 @@ def build_reference_model(policy, init_path: str | Path | None = None) -> Qwen2_
     return ref.eval().requires_grad_(False)
 
 
-FLOWS = ("fast", "reference")
-
-
 class LensGRPOTrainer(VLLMViewMixin, GroupLRMixin, GRPOTrainer):
     """GRPO for LENS. Dataset rows: `prompt`, `image`, `box_llm`, `mask`, `sam_image`, `image_id`.
 
@@ -88,9 +85,9 @@ class LensGRPOTrainer(VLLMViewMixin, GroupLRMixin, GRPOTrainer):
     not replace the features of the buffered training batch); every row carries its bank id and its image's
     index in the bank.
 
-    `flow="reference"` reproduces the original's data flow for benchmarking (same numbers, more work; one
-    process only): SAM2 encodes the image once per rollout, the mask decoder runs in a per-sample loop, and the
-    policy log-probs and the masks come from two separate forwards.
+    The original's data flow (SAM2 once per rollout, a per-sample decoder loop, separate forwards for the log-probs
+    and the masks) is a subclass in the benchmark (`tools/benchmark/reference_flow.py`); it overrides the three
+    seams `_generation_sam_images`, `_scoring_forward` and `_policy_chunk_forward`.
     """
 
     def __init__(
@@ -104,8 +101,11 @@ class LensGRPOTrainer(VLLMViewMixin, GroupLRMixin, GRPOTrainer):
         lr_multipliers: dict[str, float] | None = None,
         **kwargs,
     ) -> None:
-        if flow not in FLOWS:
-            raise ValueError(f"flow={flow!r}; expected one of {FLOWS}")
+        if flow != "fast":
+            raise ValueError(
+                f"flow={flow!r}: the product trainer has one flow ('fast'); the original's flow for benchmarking is "
+                "ReferenceFlowTrainer in tools/benchmark/reference_flow.py (python tools/benchmark.py)"
+            )
         config = kwargs["args"]
         per_rank = config.per_device_train_batch_size * config.steps_per_generation
         if per_rank % config.num_generations:
@@ -113,8 +113,6 @@ class LensGRPOTrainer(VLLMViewMixin, GroupLRMixin, GRPOTrainer):
                 f"per_device_train_batch_size x steps_per_generation = {per_rank} must be a multiple of "
                 f"num_generations = {config.num_generations}, so that every GRPO group stays on one rank"
             )
-        if flow == "reference" and config.world_size > 1:
-            raise ValueError("flow='reference' (the benchmark's original-like flow) runs in one process only")
         beta, config.beta = config.beta, 0.0  # TRL would rebuild the reference from a hub id; we build it below
         try:
             super().__init__(*args, **kwargs)
@@ -122,7 +120,6 @@ class LensGRPOTrainer(VLLMViewMixin, GroupLRMixin, GRPOTrainer):
             config.beta = beta
         self.beta = beta
         self.seg_weight, self.bce_weight, self.dice_weight = seg_weight, bce_weight, dice_weight
-        self.flow = flow
         self.lr_multipliers = dict(lr_multipliers or {})
         self.needs_mask_iou = any(name in MASK_REWARDS for name in self.reward_func_names)
         self._banks: dict[str, tuple[int, SamFeatures]] = {}  # mode -> (bank id, features of its images)
@@ -151,13 +148,16 @@ class LensGRPOTrainer(VLLMViewMixin, GroupLRMixin, GRPOTrainer):
         return wrapped if wrapped is not None else self.model
 
     # ------------------------------------------------------------------ generation + scoring
-    def _generate_and_score_completions(self, inputs):
+    def _generation_sam_images(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
+        """SAM2 inputs of a generation batch, once per distinct image (N, 3, S, S), and each row's image (B,)."""
         sam_images, index, _ = unique_images(inputs)
+        return sam_images, index
+
+    def _generate_and_score_completions(self, inputs):
         policy = lens_module(self.model)
         if any(p.requires_grad for p in policy.sam.image_encoder.parameters()):
             raise ValueError("stage 2 caches SAM2 image features: keep trainable.sam_image_encoder false")
-        if self.flow == "reference":  # one encoding per rollout
-            sam_images, index = sam_images[index], torch.arange(len(index))
+        sam_images, index = self._generation_sam_images(inputs)
         mode = "train" if self.model.training else "eval"
         bank = self._next_bank
         self._next_bank += 1
@@ -212,16 +212,19 @@ class LensGRPOTrainer(VLLMViewMixin, GroupLRMixin, GRPOTrainer):
             comp_ids = pad(comp, padding_value=tok.pad_token_id, padding_side="right").to(device)
             comp_mask = pad([torch.ones_like(c) for c in comp], padding_value=0, padding_side="right").to(device)
             with self.accelerator.autocast():
-                out = self._policy_call(
+                out = self._scoring_forward(
                     input_ids=torch.cat([enc["input_ids"], comp_ids], 1),
                     attention_mask=torch.cat([enc["attention_mask"], comp_mask], 1),
                     pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"], sam_features=features,
                     sam_image_index=self._gen_rows[s : s + step], return_logits=False,
-                    per_sample_decoding=self.flow == "reference", share_vision=self.flow == "fast",
                 )
             targets = [torch.from_numpy(r["mask"] == 1).to(device) for r in rows]
             ious.append(mask_iou_from_logits(out.mask_logits, targets))
         return torch.cat(ious)
+
+    def _scoring_forward(self, **kwargs):
+        """The no-grad query forward of `_score_masks` (masks only; the vision tower encodes each image once)."""
+        return self._policy_call(**kwargs)
 
     # ------------------------------------------------------------------ log-probs, masks, loss
     def _get_per_token_logps_and_entropies(self, model, input_ids, attention_mask, logits_to_keep, batch_size=None,
@@ -251,23 +254,22 @@ class LensGRPOTrainer(VLLMViewMixin, GroupLRMixin, GRPOTrainer):
             labels = chunk["input_ids"].masked_fill(chunk["attention_mask"] == 0, -100)
             labels[:, :-logits_to_keep] = -100
             index = None if rows_image is None else rows_image[s:e]
-            if self.flow == "reference" and features is not None:  # masks from a forward of their own
-                with self.accelerator.autocast():
-                    masks.append(model(**chunk, sam_features=features, sam_image_index=index, return_logits=False,
-                                       per_sample_decoding=True, share_vision=False).mask_logits)
-            with self.accelerator.autocast():
-                out = model(
-                    **chunk, labels=labels, temperature=self.temperature, append_queries=True,
-                    sam_features=features if self.flow == "fast" else None, sam_image_index=index,
-                    share_vision=self.flow == "fast",
-                )
-            logps.append(out.log_probs[:, -logits_to_keep:])
-            entropies.append(out.entropy[:, -logits_to_keep:])
-            if out.mask_logits is not None:
-                masks.append(out.mask_logits)
+            log_probs, entropy, mask_logits = self._policy_chunk_forward(model, chunk, labels, features, index)
+            logps.append(log_probs[:, -logits_to_keep:])
+            entropies.append(entropy[:, -logits_to_keep:])
+            if mask_logits is not None:
+                masks.append(mask_logits)
         if loss_pass:
             self._mask_logits = torch.cat(masks)
         return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
+
+    def _policy_chunk_forward(self, model, chunk: dict, labels, features: SamFeatures | None, index):
+        """ONE query forward of `model` over a chunk: per-token log-probs and entropies (B, L - 1), and the mask
+        logits (B, 1, h, w) when `features` are given (the loss pass), else None."""
+        with self.accelerator.autocast():
+            out = model(**chunk, labels=labels, temperature=self.temperature, append_queries=True,
+                        sam_features=features, sam_image_index=index)
+        return out.log_probs, out.entropy, out.mask_logits
 
     def _compute_loss(self, model, inputs):
         self._seg_inputs = inputs
