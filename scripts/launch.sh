@@ -28,8 +28,10 @@ if [ "$GPUS_DETECTED" -eq 0 ]; then
   RECIPE="${RECIPE:-configs/recipes/tiny/$STAGE.yaml}"
   OVERRIDES=(); for a in "$@"; do [[ "$a" == --* ]] || OVERRIDES+=("$a"); done
   # "<use_cpu> <prereqs>": prereqs = the recipe stands on tiny outputs (outputs/quickstart/...) that are missing
-  read -r ON_CPU PREREQS < <($PY -c 'import sys; from pathlib import Path; from lens.training.recipe import load_recipe
-r = load_recipe(sys.argv[1], sys.argv[2:]); paths = [str(r["data"].get("root", "")), str(r["model"]["init"])]
+  read -r ON_CPU PREREQS < <($PY -c 'import sys; from pathlib import Path; from lens.config import ConfigError; from lens.training.config import load_recipe
+try: r = load_recipe(sys.argv[1], sys.argv[2:])
+except (ConfigError, FileNotFoundError) as e: sys.exit(f"error: {e}")
+paths = [str(r["data"].get("root", "")), str(r["model"]["init"])]
 need = any(p.startswith("outputs/quickstart") and not Path(p).exists() for p in paths)
 print(str(bool(r["train"].get("use_cpu"))).lower(), str(need).lower())' "$RECIPE" "${OVERRIDES[@]}")
   if [ "$ON_CPU" != "true" ] && [ "${LENS_ALLOW_CPU:-0}" != "1" ]; then

@@ -46,7 +46,7 @@ def test_fine_tuning_recipes_inherit_as_documented():
     reasonseg, cot, lora = (load_recipe(RECIPES / f"{n}.yaml") for n in ("reasonseg", "cot", "lora"))
     assert reasonseg["data"]["train"] == ["reasonseg:train"] and reasonseg["model"]["init"] == "outputs/stage2/final"
     assert cot["data"]["train"] == ["reasonseg:train"] and cot["data"]["question_template"] == "samr1_v4"
-    assert lora["train"]["deepspeed"] is None and lora["model"]["query_position_mode"] == "mrope"
+    assert "deepspeed" not in lora["train"] and lora["model"]["query_position_mode"] == "mrope"  # null: removed
 
 
 # ---------------------------------------------------------------------- tiny recipes (one GRPO step each)

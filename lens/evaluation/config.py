@@ -9,6 +9,7 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any
 
+from lens.config import DTYPE_NAMES, ConfigError, unknown_key
 from lens.data.base import Reference
 from lens.data.dataset import expand_expressions
 from lens.data.registry import BENCHMARKS, CUSTOM_PREFIX
@@ -18,7 +19,6 @@ PLAIN_TEMPLATE, COT_TEMPLATE = "pr1_grounding", "samr1_v4"
 COT_SUFFIX = ":cot"
 REASONSEG_LONGEST_SIDE = 640
 DEFAULT_MAX_NEW_TOKENS = {False: 256, True: 512}
-DTYPE_NAMES = ("float32", "bfloat16", "float16")
 OVERLAY_FILTERS = ("extremes", "mask_rescues_box", "box_rescues_mask")
 
 
@@ -54,16 +54,31 @@ class EvalConfig:
     overlays_filter: str = "extremes"  # extremes | mask_rescues_box | box_rescues_mask
 
     @classmethod
-    def from_dict(cls, values: dict[str, Any]) -> EvalConfig:
-        """Build from a dict (YAML keys may use ``-`` or ``_``); unknown keys raise ``ValueError``."""
-        names = {f.name for f in fields(cls)}
+    def from_dict(cls, values: dict[str, Any], source: str | Path | None = None) -> EvalConfig:
+        """Build from a dict (YAML keys may use ``-`` or ``_``); an unknown key raises ``ValueError`` naming
+        ``source`` (the YAML file), the key and the closest valid names."""
+        names = [f.name for f in fields(cls)]
         clean = {str(k).replace("-", "_"): v for k, v in values.items()}
-        unknown = sorted(set(clean) - names)
-        if unknown:
-            raise ValueError(f"unknown evaluation option(s) {unknown}; valid: {sorted(names)}")
+        for key in clean:
+            if key not in names:
+                where = f"{source}" if source is not None else "evaluation config"
+                raise unknown_key(where, key, names, what="evaluation option", hint=f"valid: {', '.join(names)}")
         if isinstance(clean.get("benchmarks"), str):
             clean["benchmarks"] = [clean["benchmarks"]]
         return cls(**clean)
+
+    @classmethod
+    def from_file(cls, path: str | Path, **flags: Any) -> EvalConfig:
+        """A ``configs/eval/*.yaml`` file, with ``flags`` (option names) over its values."""
+        import yaml
+
+        path = Path(path)
+        if not path.is_file():
+            raise FileNotFoundError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: expected a mapping of option names to values")
+        return cls.from_dict({**data, **flags}, source=path)
 
     def validate(self) -> None:
         """Raise ``ValueError`` for missing or out-of-range options."""

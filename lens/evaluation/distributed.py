@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+from lens.config import DTYPES  # one dtype table for training and evaluation
 
 
 @dataclass
