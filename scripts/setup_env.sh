@@ -1,6 +1,9 @@
 #!/usr/bin/env bash
 # Create or reuse .venv and install what is missing. Sourced by test.sh and quickstart.sh.
 # Re-runs are cheap: a stamp records the hash of the requirement files last installed.
+# sam2 cannot be a declared dependency of pyproject.toml (it must build against the installed torch, without its
+# CUDA extension): it is installed here with SAM2_BUILD_CUDA=0 --no-build-isolation --no-deps, then lens itself
+# with --no-deps (its dependencies are the pins of requirements.txt, installed first).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${LENS_VENV:-$ROOT/.venv}"
@@ -26,3 +29,21 @@ if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
   echo "$WANT" > "$STAMP"
 fi
 export PATH="$VENV/bin:$PATH"
+
+# The browser of tests/test_web_demo.py: Debian's chromium + chromium-driver (test.sh calls this; apt-get needs
+# root, as in CI). Runs apt-get only when one of them is missing; LENS_NO_BROWSER=1 skips it.
+lens_ensure_browser() {
+  if command -v chromium >/dev/null && command -v chromedriver >/dev/null; then return 0; fi
+  if [ "${LENS_NO_BROWSER:-0}" = "1" ]; then return 0; fi
+  if [ "$(id -u)" != "0" ] || ! command -v apt-get >/dev/null; then
+    echo "[setup] chromium/chromedriver missing and apt-get unavailable (not root?): the web demo test will skip" >&2
+    return 0
+  fi
+  local log="$VENV/.apt-browser.log"
+  echo "[setup] installing chromium + chromium-driver with apt-get (log: $log)"
+  if ! { apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+         chromium chromium-driver; } >"$log" 2>&1; then
+    echo "[setup] apt-get could not install chromium (see $log): the web demo test will skip" >&2
+  fi
+  return 0
+}

@@ -1,14 +1,15 @@
 """Model presets: `qwen2.5-vl-3b` (the real architecture, random weights) and `tiny` (CPU-sized).
 
-Both are read from YAML files under `configs/models/` and built by the same code. Without a real
+Both are read from YAML files shipped inside the package (`lens/configs/models/`, found through
+`importlib.resources`, so an installed wheel has them too) and built by the same code. Without a real
 Qwen processor folder, a preset gets the offline tiny tokenizer (`tiny_processor.py`) together with
 Qwen's image-processor settings, and the config's special-token ids are set to that tokenizer's ids.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any
+from importlib import resources
+from typing import TYPE_CHECKING, Any
 
 import torch
 import yaml
@@ -16,11 +17,15 @@ import yaml
 from .config import LensConfig
 from .tiny_processor import build_tiny_processor, special_token_ids
 
-CONFIG_DIR = Path(__file__).resolve().parents[2] / "configs" / "models"
+if TYPE_CHECKING:
+    from importlib.resources.abc import Traversable
+
+CONFIG_DIR: Traversable = resources.files("lens") / "configs" / "models"
 PRESETS = ("qwen2.5-vl-3b", "tiny")
 
 
-def preset_path(name: str) -> Path:
+def preset_path(name: str) -> Traversable:
+    """The packaged YAML file of a preset (a `Traversable`: a `Path` in a checkout or an unpacked wheel)."""
     path = CONFIG_DIR / f"{name}.yaml"
     if name not in PRESETS or not path.is_file():
         raise ValueError(f"unknown model preset {name!r}; expected one of {PRESETS} (files in {CONFIG_DIR})")
