@@ -87,7 +87,7 @@ def build_app(segmenter):
             except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
                 name = getattr(payload, "orig_name", None) or "the uploaded file"
                 print(f"[demo] rejected upload {name}: not a readable image", flush=True)
-                raise gr.Error(f"{name} is not an image that can be read (PNG, JPEG, ...): {first_line(exc)}",
+                raise gr.Error(f"{name} is not an image that can be read (PNG, JPEG, WebP, ...)",
                                title="Not an image", print_exception=False) from exc
 
     def predict(image: Image.Image | None, prompt: str, cot: bool):
@@ -107,7 +107,7 @@ def build_app(segmenter):
             gr.Textbox(label="Instruction", placeholder="the dog on the left", elem_id="lens-prompt"),
             gr.Checkbox(label="Chain of thought", elem_id="lens-cot"),
         ],
-        [gr.Image(type="pil", label="Overlay", elem_id="lens-overlay"),
+        [gr.Image(type="pil", format="png", label="Overlay", elem_id="lens-overlay"),  # lossless: crisp masks
          gr.Textbox(label="Answer", elem_id="lens-answer")],
         title="LENS: text-prompted segmentation",
         flagging_mode="never",
