@@ -99,15 +99,14 @@ def segmentation_loss(
 def mask_iou_from_logits(low_res_logits: torch.Tensor, targets: Sequence[torch.Tensor]) -> torch.Tensor:
     """Per-sample IoU ``inter / (union + 1e-6)`` of upsampled ``logit > 0`` vs the binary target -> ``(B,)``.
 
-    Targets count as foreground where ``> 0.5``.
+    Targets count as foreground where ``> 0.5``. The training reward's IoU: the pixel counts come from
+    :func:`lens.evaluation.metrics.score_mask_logits`, the function evaluation scores with, so training and
+    evaluation upsample and threshold alike; only the reward's epsilon (0 for an empty union) differs from
+    evaluation's per-expression IoU. Tensors stay on the logits' device.
     """
+    from lens.evaluation.metrics import score_mask_logits
+
     logits = _as_bhw(low_res_logits, len(targets))
-    ious = torch.zeros(logits.shape[0], dtype=torch.float32, device=logits.device)
-    for idx, stacked in group_by_shape(targets):
-        index = torch.tensor(idx, device=logits.device)
-        pred = _upsample(logits.index_select(0, index), tuple(stacked.shape[1:])) > 0
-        target = stacked.to(pred.device).float() > 0.5
-        inter = (pred & target).flatten(1).sum(1).float()
-        union = (pred | target).flatten(1).sum(1).float()
-        ious[index] = inter / (union + 1e-6)
-    return ious
+    binary = [torch.as_tensor(t) > 0.5 for t in targets]
+    scores = score_mask_logits(logits, binary, protocol="lens")
+    return scores.inter.float() / (scores.union.float() + 1e-6)

@@ -3,6 +3,8 @@
 each stage (with the swap check) -> demo overlay. Writes outputs/quickstart/results.json and a table.
 
 Run through `bash scripts/quickstart.sh` (which prepares .venv). Finished stages are reused; `--fresh` redoes all.
+Masks are scored by evaluation's own path (`lens.evaluation.runner.score_batch`, as `eval.sh`); the swap check and
+the stage-2 reward on fixed prompts come from the research probes (`research/`, see research/README.md).
 """
 
 from __future__ import annotations
@@ -15,21 +17,22 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:  # `research` is a top-level package of the checkout, not installed with `lens`
+    sys.path.insert(0, str(ROOT))
 OUT = ROOT / "outputs" / "quickstart"
 RECIPES = ROOT / "configs" / "recipes" / "tiny"
 STAGES = ("warmup", "stage1", "stage2")
 
 
-def train(stage: str, overrides: list[str]) -> tuple[Path, float]:
+def train(stage: str, overrides: list[str]) -> Path:
     from lens.training.recipe import load_recipe, run
 
     final = OUT / stage / "final"
     if (final / "config.json").is_file():
         print(f"[quickstart] {stage}: reusing {final}")
-        return final, 0.0
-    start = time.time()
+        return final
     run(load_recipe(RECIPES / f"{stage}.yaml", overrides))
-    return final, time.time() - start
+    return final
 
 
 def logged(stage: str, key: str) -> list[float]:
@@ -42,17 +45,15 @@ def logged(stage: str, key: str) -> list[float]:
 
 
 def evaluate(segmenter, split_refs, swaps) -> dict:
-    from lens.evaluation.swap import evaluate_with_swaps
+    """Held-out metrics (`standard` protocol) and the swap check, in one pass over the images."""
+    from research.swap import evaluate_with_swaps
 
-    start = time.time()
-    result = evaluate_with_swaps(segmenter, split_refs, swaps, protocol="standard", batch_size=16)
-    result["eval_seconds"] = round(time.time() - start, 1)
-    return result
+    return evaluate_with_swaps(segmenter, split_refs, swaps, protocol="standard", batch_size=32)
 
 
 def stage2_reward(segmenter, refs, recipe: dict) -> dict:
     """Stage 2's reward of the segmenter's policy on fixed prompts, sampled as the tiny stage-2 `recipe` samples."""
-    from lens.evaluation.policy_reward import policy_reward
+    from research.policy_reward import policy_reward
 
     grpo = recipe.get("grpo", {})
     sampling = {"do_sample": True, **{k: grpo[k] for k in ("temperature", "top_p", "top_k") if k in grpo}}
@@ -81,6 +82,17 @@ def table(results: dict) -> str:
     return "\n".join(rows)
 
 
+class Phases:
+    """Wall-clock seconds of each phase, printed as it ends and kept for results.json."""
+
+    def __init__(self) -> None:
+        self.seconds: dict[str, float] = {}
+
+    def __call__(self, name: str, start: float) -> None:
+        self.seconds[name] = round(time.time() - start, 1)
+        print(f"[quickstart] {name}: {self.seconds[name]} s", flush=True)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--fresh", action="store_true", help="delete outputs/quickstart first")
@@ -89,12 +101,15 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(OUT)
     OUT.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
+    phase = Phases()
 
     from lens.data.refer import load_refer
     from lens.data.synthetic import generate_synthetic, load_swaps
     from lens.inference import Segmenter
     from lens.training.recipe import load_recipe
 
+    phase("imports", t0)
+    start = time.time()
     data = OUT / "data"
     if not (data / "synthetic_meta.json").is_file():
         generate_synthetic(data, seed=0, n_train=2000, n_val=32, n_test=32)  # as scripts/tiny_prereqs.sh
@@ -102,15 +117,21 @@ def main(argv: list[str] | None = None) -> int:
     swaps = load_swaps(data)
     stage2_recipe = load_recipe(RECIPES / "stage2.yaml", [])
     max_new_tokens = stage2_recipe["grpo"]["max_completion_length"]  # every stage generates as stage 2 samples
+    phase("data", start)
 
-    results: dict = {"stages": {}, "seconds": {}}
+    results: dict = {"stages": {}}
     for stage in STAGES:
-        checkpoint, seconds = train(stage, [])
-        results["seconds"][f"train_{stage}"] = round(seconds, 1)
+        start = time.time()
+        checkpoint = train(stage, [])
+        phase(f"train_{stage}", start)
+        start = time.time()
         segmenter = Segmenter.from_pretrained(str(checkpoint), max_new_tokens=max_new_tokens)
         metrics = evaluate(segmenter, held_out, swaps)
+        phase(f"eval_{stage}", start)
         if stage in ("stage1", "stage2"):  # the same held-out prompts, sampling and seed for both checkpoints
+            start = time.time()
             metrics["reward_mean"] = stage2_reward(segmenter, held_out, stage2_recipe)["reward"]
+            phase(f"reward_{stage}", start)
         rewards = logged(stage, "reward") if stage == "stage2" else []
         if rewards:  # each step's own batch: a rise over the run also reflects which prompts came late
             k = max(1, len(rewards) // 4)
@@ -126,11 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         results["stages"][stage] = metrics
         print(f"[quickstart] {stage}: " + ", ".join(f"{k}={v:.3f}" for k, v in metrics.items() if isinstance(v, float)))
 
+    start = time.time()
     results["demo"] = str(demo(segmenter, held_out).relative_to(ROOT))  # the last stage's model
-    results["seconds"]["total"] = round(time.time() - t0, 1)
+    phase("demo", start)
+    phase("total", t0)
+    results["seconds"] = phase.seconds
     s1, s2 = results["stages"]["stage1"], results["stages"]["stage2"]
-    results["targets"] = {
-        "stage1_giou>=0.6": s1["giou"] >= 0.6,
+    results["targets"] = {  # 0.6 is retired: the word oracle cannot reach it either (docs/lab-notebook.md)
+        "stage1_giou>=0.42": s1["giou"] >= 0.42,
         "stage1_swap_giou<=0.25": s1["swap_giou"] <= 0.25,
         "stage2_reward_rises": s2["reward_mean"] > s1["reward_mean"],
         "stage2_giou>=stage1_giou": s2["giou"] >= s1["giou"] - 1e-9,

@@ -8,6 +8,10 @@ overlap, 255 ignore):
 * ``standard`` (LISA-style): foreground = ``1 <= t <= 254``; ``t == 255`` pixels are excluded from
   both intersection and union.
 
+:func:`score_mask_logits` is the one place where low-resolution mask logits become full-size masks and pixel
+counts: evaluation (``lens.evaluation.runner``), the training reward's IoU (``lens.losses.mask_iou_from_logits``),
+the quickstart and the research probes all call it.
+
 Aggregates use the original epsilons: per-expression ``iou = I / (U + 1e-5)``, or 1.0 when
 ``U == 0`` (empty prediction on empty target); ``giou = sum(iou) / (N + 1e-5)``;
 ``ciou = sum(I) / (sum(U) + 1e-8)``.
@@ -16,6 +20,7 @@ Aggregates use the original epsilons: per-expression ``iou = I / (U + 1e-5)``, o
 from __future__ import annotations
 
 from collections.abc import Hashable, Iterable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -28,6 +33,8 @@ __all__ = [
     "foreground_mask",
     "intersection_union",
     "expression_iou",
+    "MaskScores",
+    "score_mask_logits",
     "SegmentationMetrics",
 ]
 
@@ -75,6 +82,66 @@ def intersection_union(
 def expression_iou(inter: float, union: float) -> float:
     """Per-expression IoU ``I / (U + 1e-5)``; 1.0 when ``U == 0`` (empty prediction, empty target)."""
     return 1.0 if union == 0 else float(inter) / (float(union) + 1e-5)
+
+
+@dataclass
+class MaskScores:
+    """Per-row results of :func:`score_mask_logits`: ``(B,)`` int64 tensors on the logits' device and, with
+    ``keep_masks``, each row's full-size bool mask (``None`` otherwise)."""
+
+    inter: torch.Tensor
+    union: torch.Tensor
+    pred_area: torch.Tensor  # predicted pixels (ignore pixels included)
+    target_area: torch.Tensor  # target foreground pixels under the protocol
+    masks: list[torch.Tensor] | None = None
+
+
+@torch.no_grad()
+def score_mask_logits(
+    logits: torch.Tensor,
+    targets: Sequence[Any],
+    protocol: str = "lens",
+    empty: Sequence[bool] | None = None,
+    keep_masks: bool = False,
+) -> MaskScores:
+    """Upsample each row of low-resolution mask logits to its target's size and count pixels.
+
+    ``logits`` is ``(B, 1, h, w)`` or ``(B, h, w)``; ``targets`` holds B raw ``(H, W)`` masks (tensors or
+    arrays; values read by ``protocol``, see :func:`foreground_mask`). Rows are grouped by target size, and
+    each group is one bilinear interpolate (``align_corners=False``, as SAM2 upsamples) thresholded at 0.
+    Rows flagged in ``empty`` (e.g. a "no target" answer) predict an all-zero mask. No gradients.
+    """
+    from lens.modeling.sam import upsample_masks
+
+    if logits.dim() == 3:
+        logits = logits.unsqueeze(1)
+    if logits.dim() != 4 or logits.shape[1] != 1:
+        raise ValueError(f"mask logits must be (B, 1, h, w) or (B, h, w), got {tuple(logits.shape)}")
+    n = len(targets)
+    if logits.shape[0] != n:
+        raise ValueError(f"{logits.shape[0]} logit maps but {n} targets")
+    if empty is not None and len(empty) != n:
+        raise ValueError(f"empty has {len(empty)} entries, expected {n}")
+    groups: dict[tuple[int, ...], list[int]] = {}
+    for k, t in enumerate(targets):
+        if len(t.shape) != 2:
+            raise ValueError(f"target {k} must be (H, W), got shape {tuple(t.shape)}")
+        groups.setdefault(tuple(t.shape), []).append(k)
+    counts = torch.zeros(4, n, dtype=torch.int64, device=logits.device)
+    masks: list[Any] = [None] * n
+    for size, idx in groups.items():
+        index = torch.tensor(idx, device=logits.device)
+        pred = upsample_masks(logits.index_select(0, index), size) > 0
+        if empty is not None:
+            pred[torch.tensor([bool(empty[k]) for k in idx], device=pred.device)] = False
+        tgt = torch.stack([torch.as_tensor(targets[k]).to(pred.device) for k in idx])
+        inter, union = intersection_union(pred, tgt, protocol)
+        fg = foreground_mask(tgt, protocol)[0].flatten(1).sum(1)
+        counts[:, index] = torch.stack([inter, union, pred.flatten(1).sum(1), fg])
+        if keep_masks:
+            for row, k in enumerate(idx):
+                masks[k] = pred[row]
+    return MaskScores(counts[0], counts[1], counts[2], counts[3], masks if keep_masks else None)
 
 
 def _as_list(masks: Any) -> list:

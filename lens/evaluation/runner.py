@@ -45,7 +45,7 @@ from lens.evaluation.files import (
     PartialWriter, check_signature, partial_files, partial_path, read_partial, split_files, write_atomic,
     write_json_atomic,
 )
-from lens.evaluation.metrics import SegmentationMetrics, intersection_union
+from lens.evaluation.metrics import SegmentationMetrics, score_mask_logits
 from lens.evaluation.overlays import pick_extremes, save_overlays  # noqa: F401
 from lens.evaluation.predictions import encode_rles, prediction_line
 from lens.geometry import box_iou
@@ -79,34 +79,6 @@ def prefetched(batches: Sequence[list[Expression]], load: Callable, depth: int =
             yield head, future.result()
 
 
-def upsample_and_score(
-    logits: torch.Tensor, targets: Sequence[np.ndarray], protocol: str, empty: Sequence[bool] | None = None
-) -> tuple[list[int], list[int], list[int], list[dict[str, Any]]]:
-    """Upsample each row to its target's size (one interpolate per size), ``> 0``, then I, U, area and RLE.
-
-    Rows flagged in ``empty`` (a no-target answer) get an all-zero mask.
-    """
-    from lens.modeling.sam import upsample_masks
-
-    n = len(targets)
-    inters, unions, areas, rles = [0] * n, [0] * n, [0] * n, [{}] * n
-    groups: dict[tuple[int, int], list[int]] = {}
-    for k, t in enumerate(targets):
-        groups.setdefault(tuple(t.shape), []).append(k)
-    for size, idx in groups.items():
-        pred = upsample_masks(logits[idx], size) > 0
-        if empty is not None:
-            for row, k in enumerate(idx):
-                if empty[k]:
-                    pred[row] = False
-        tgt = torch.from_numpy(np.stack([targets[k] for k in idx])).to(pred.device)
-        i, u = intersection_union(pred, tgt, protocol)
-        area = pred.flatten(1).sum(1).tolist()
-        for k, iv, uv, av, rle in zip(idx, i.tolist(), u.tolist(), area, encode_rles(pred.cpu().numpy())):
-            inters[k], unions[k], areas[k], rles[k] = iv, uv, int(av), rle
-    return inters, unions, areas, rles
-
-
 def score_batch(
     out: Any, exprs: Sequence[Expression], targets: Sequence[np.ndarray], protocol: str,
     no_target_ok: bool = False, elapsed: float | None = None,
@@ -125,7 +97,9 @@ def score_batch(
             raise ValueError(f"{e.ref.ref_id}: mask size {tuple(t.shape)} differs from image "
                              f"{e.ref.image_path} size {tuple(hw)}")
     empty = [no_target_ok and is_no_target_answer(t) for t in out.texts]
-    inters, unions, areas, rles = upsample_and_score(out.mask_logits, targets, protocol, empty)
+    scores = score_mask_logits(out.mask_logits, targets, protocol, empty, keep_masks=True)
+    inters, unions, areas = scores.inter.tolist(), scores.union.tolist(), scores.pred_area.tolist()
+    rles = [encode_rles(m[None].cpu().numpy())[0] for m in scores.masks]
     records = []
     for k, e in enumerate(exprs):
         gt = e.ref.target_box(targets[k])

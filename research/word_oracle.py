@@ -1,12 +1,12 @@
 """Word oracle: how well can a SAM2 mask decoder follow referring expressions when it is handed the words?
 
-A diagnostic for the miniature (docs/design.md). It replaces Qwen and the context module by a bidirectional
+A diagnostic for the miniature (research/README.md; findings in docs/lab-notebook.md). It replaces Qwen and the context module by a bidirectional
 GRU over the expression's words that writes the SAM2 sparse prompt directly, so the decoder gets the words
 without loss. As in tiny stage 1, the image encoder stays frozen (features computed once per image) and the
 prompt encoder and mask decoder train with the LENS segmentation loss (BCE + dice). The held-out gIoU it
 reaches bounds what the SAM2 side can make of the words with that training budget:
 
-    python tools/word_oracle.py --data outputs/quickstart/data --init outputs/quickstart/warmup/final
+    python -m research.word_oracle --data outputs/quickstart/data --init outputs/quickstart/warmup/final
 
 ``--init`` takes ``preset:<name>`` or any LENS checkpoint folder (only its SAM2 is used).
 """
@@ -29,11 +29,11 @@ from lens.data.base import Reference
 from lens.data.refer import load_refer
 from lens.data.synthetic import normalise_text, parse_expression
 from lens.data.transforms import load_rgb, sam_image
-from lens.evaluation.metrics import SegmentationMetrics, expression_iou, foreground_mask, intersection_union
+from lens.evaluation.metrics import SegmentationMetrics, expression_iou, score_mask_logits
 from lens.losses import segmentation_loss
 from lens.modeling.lens import LensForConditionalGeneration
 from lens.modeling.presets import build_preset
-from lens.modeling.sam import SamFeatures, decode_masks, encode_images, upsample_masks
+from lens.modeling.sam import SamFeatures, decode_masks, encode_images
 
 HELD_OUT = ("val", "testA", "testB")
 
@@ -103,20 +103,23 @@ def expression_kind(text: str) -> str:
 def evaluate(sam, feats, rows, refs: list[Reference], prompter: WordPrompter, vocab: Vocabulary) -> dict:
     """cIoU/gIoU (`standard` protocol), mean per-expression precision and recall of the predicted mask (a
     decoder that ignores the words and masks every object shows low precision, high recall) and the mean IoU by
-    kind of expression; these three count pixels == 1 as the target (the `lens` protocol's foreground)."""
-    metrics, by_kind, precision, recall = SegmentationMetrics(protocol="standard"), {}, [], []
+    kind of expression; these three count pixels == 1 as the target (the `lens` protocol's foreground).
+    Masks are upsampled and scored by evaluation's :func:`lens.evaluation.metrics.score_mask_logits`."""
+    records, by_kind, precision, recall = [], {}, [], []
     for i in range(0, len(refs), 32):
         batch = refs[i : i + 32]
         logits = decode(sam, feats, rows, batch, prompter(vocab.ids([r.expressions[0] for r in batch])))
+        targets = [ref.load_mask() for ref in batch]
+        std = score_mask_logits(logits, targets, "standard")
+        fg = score_mask_logits(logits, targets, "lens")
         for k, ref in enumerate(batch):
-            target = torch.from_numpy(ref.load_mask())
-            pred = upsample_masks(logits[k : k + 1], tuple(target.shape))[0] > 0
-            metrics.update([pred], [target])
-            inter, union = (int(x) for x in intersection_union(pred, target, "lens"))
-            precision.append(inter / max(int(pred.sum()), 1))
-            recall.append(inter / max(int(foreground_mask(target, "lens")[0].sum()), 1))
+            records.append({"id": None, "I": int(std.inter[k]), "U": int(std.union[k])})
+            inter, union = int(fg.inter[k]), int(fg.union[k])
+            precision.append(inter / max(int(fg.pred_area[k]), 1))
+            recall.append(inter / max(int(fg.target_area[k]), 1))
             by_kind.setdefault(expression_kind(ref.expressions[0]), []).append(expression_iou(inter, union))
-    result = {k: v for k, v in metrics.compute().items() if k in ("ciou", "giou", "n")}
+    metrics = SegmentationMetrics.from_records(records, protocol="standard").compute()
+    result = {k: v for k, v in metrics.items() if k in ("ciou", "giou", "n")}
     result["precision"] = sum(precision) / len(precision)
     result["recall"] = sum(recall) / len(recall)
     result["mean_iou_by_kind"] = {k: {"iou": sum(v) / len(v), "n": len(v)} for k, v in sorted(by_kind.items())}

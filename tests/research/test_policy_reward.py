@@ -1,13 +1,12 @@
-"""The stage-2 reward of a policy on fixed prompts (lens/evaluation/policy_reward.py)."""
+"""The stage-2 reward of a policy on fixed prompts (research/policy_reward.py)."""
 
 from __future__ import annotations
-
 
 import numpy as np
 import pytest
 
 from lens.data.refer import load_refer
-from lens.evaluation.policy_reward import policy_reward
+from research.policy_reward import policy_reward
 from lens.inference import Segmenter
 
 
@@ -40,11 +39,33 @@ def test_greedy_reward_is_the_mean_squared_mask_iou(refs, segmenter):
     assert again["reward"] == pytest.approx(result["reward"], abs=1e-6)
 
 
-def test_sampled_reward_is_reproducible_from_the_seed(refs, segmenter):
+def test_sampled_reward_is_reproducible_from_the_seed(refs, segmenter, monkeypatch):
     sampling = {"do_sample": True, "temperature": 1.5, "top_p": 1.0, "top_k": 0}
-    first = policy_reward(segmenter, refs, ["mask_iou"], 2, sampling, batch_size=4, seed=3)
-    second = policy_reward(segmenter, refs, ["mask_iou"], 2, sampling, batch_size=4, seed=3)
-    assert first == second and 0.0 <= first["reward"] <= 1.0
+    texts: list[str] = []
+    run_batch = segmenter.run_batch
+
+    def recording(*args, **kwargs):
+        out = run_batch(*args, **kwargs)
+        texts.extend(out.texts)
+        return out
+
+    monkeypatch.setattr(segmenter, "run_batch", recording)
+
+    def sample(seed: int) -> tuple[dict, list[str]]:
+        texts.clear()
+        result = policy_reward(segmenter, refs, ["mask_iou"], 4, sampling, batch_size=8, seed=seed)
+        return result, list(texts)
+
+    first, first_texts = sample(3)
+    second, second_texts = sample(3)
+    assert first == second and first_texts == second_texts and 0.0 <= first["reward"] <= 1.0
+    assert len(first_texts) == 4 * len(refs)
+    # the seed is what fixes the draws: another seed samples other completions (a sampler that ignored the
+    # seed, or greedy decoding, would repeat them)
+    _, other_texts = sample(4)
+    assert other_texts != first_texts
+    # and the G completions of one prompt are not copies of each other
+    assert any(len(set(first_texts[k : k + 4])) > 1 for k in range(0, len(first_texts), 4))
 
 
 def test_bad_arguments_are_named(refs, segmenter):

@@ -1,20 +1,15 @@
-"""tools/word_oracle.py: the prompter's invariants and one short run end to end."""
+"""research/word_oracle.py: the prompter's invariants and one short run end to end."""
 
-import importlib.util
 import json
-from pathlib import Path
 
 import pytest
 import torch
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 def load_tool():
-    spec = importlib.util.spec_from_file_location("word_oracle", REPO / "tools" / "word_oracle.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    from research import word_oracle
+
+    return word_oracle
 
 
 def test_vocabulary_pads_and_normalises():
