@@ -7,15 +7,16 @@ batched query forward, and mapping boxes and masks back to the original image.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .data.transforms import box_from_llm_pixels, load_rgb, resize_for_llm, sam_image
+from .distinct import distinct_index
 from .geometry import parse_answer_box
 from .modeling.sam import upsample_masks
 from .prompts import build_messages
@@ -133,12 +134,8 @@ class Segmenter:
         if len(images) != len(prompts):
             raise ValueError(f"{len(images)} images but {len(prompts)} prompts")
         keys = list(image_keys) if image_keys is not None else [im if isinstance(im, (str, Path)) else id(im) for im in images]
-        uniq: dict[object, int] = {}
-        for k in keys:
-            uniq.setdefault(k, len(uniq))
-        index = torch.tensor([uniq[k] for k in keys])
+        first, index = distinct_index(keys)  # rows that share a key share one SAM2 encoding
         pil = [as_pil(im) for im in images]
-        first = {uniq[k]: p for k, p in zip(keys, pil)}
         device = self.model.device
 
         llm_images = [resize_for_llm(p, self.min_pixels, self.max_pixels, self.llm_longest_side) for p in pil]
@@ -160,7 +157,7 @@ class Segmenter:
         comp_mask = completion_mask(completion, tok.eos_token_id)
         attention = torch.cat([inputs["attention_mask"], comp_mask], dim=1)
 
-        sam_batch = torch.stack([sam_image(first[i], self.model.config.sam_image_size) for i in range(len(uniq))])
+        sam_batch = torch.stack([sam_image(pil[r], self.model.config.sam_image_size) for r in first])
         out = self.model(  # the query forward; SAM2 encodes each distinct image once, inside it
             input_ids=seqs, attention_mask=attention, pixel_values=inputs.get("pixel_values"),
             image_grid_thw=inputs.get("image_grid_thw"), sam_images=sam_batch.to(device),

@@ -214,3 +214,20 @@ def test_batched_segmenter_equals_one_at_a_time(synthetic_root, tiny_checkpoint,
     assert batched.texts == [s.texts[0] for s in single]
     close(batched.mask_logits, torch.cat([s.mask_logits for s in single]), atol=1e-4, rtol=1e-4)
     close(batched.scores, torch.cat([s.scores for s in single]), atol=1e-4, rtol=1e-4)
+
+
+def test_the_one_row_to_distinct_image_index():
+    from lens.distinct import distinct_index
+    from lens.modeling.lens import distinct_images
+    from lens.training.data import unique_images
+
+    first, index = distinct_index(["b", "a", "b", "c", "a"])
+    assert first == [0, 1, 3] and index.tolist() == [0, 1, 0, 2, 1]
+    items = [{"image_id": k, "sam_image": torch.full((1,), float(i))} for i, k in enumerate("babca")]
+    images, rows, keys = unique_images(items)
+    assert images.flatten().tolist() == [0.0, 1.0, 3.0] and rows.tolist() == [0, 1, 0, 2, 1] and keys == ["b", "a", "c"]
+    grid = torch.tensor([[1, 1, 2], [1, 1, 1], [1, 1, 2]])  # rows 0 and 2 show image 7 (2 patches), row 1 image 3
+    patches = torch.arange(5.0)[:, None]
+    kept, kept_grid, inverse = distinct_images(patches, grid, torch.tensor([7, 3, 7]))
+    assert kept.flatten().tolist() == [0.0, 1.0, 2.0] and kept_grid.tolist() == [[1, 1, 2], [1, 1, 1]]
+    assert inverse.tolist() == [0, 1, 0]

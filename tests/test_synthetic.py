@@ -199,3 +199,26 @@ def test_cli_writes_and_prints_summary(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "images: 4" in out and "refcoco" in out and "reasonseg" in out
     assert len(load_reasonseg(tmp_path / "d", "train")) == 2
+
+
+def test_training_sources_and_benchmarks_share_one_registry(synthetic_root, monkeypatch):
+    from lens.data.registry import load_benchmark, load_source
+    from lens.training.data import load_source as training_source
+
+    def ids(refs):
+        return [r.ref_id for r in refs]
+
+    for source, benchmark in (("refcoco:train", "refcoco_train"), ("refcoco", "refcoco_train"),
+                              ("grefcoco:val", "grefcoco_val"), ("reasonseg:train", "reasonseg_train"),
+                              ("refcocog:val", "refcocog_val")):
+        assert ids(training_source(source, synthetic_root)) == ids(load_benchmark(benchmark, synthetic_root)), source
+    # custom: resolves a relative path the same way for both (as given, else under data_root)
+    monkeypatch.chdir(synthetic_root.parent)
+    under_root = ids(load_benchmark("custom:custom/train.jsonl", synthetic_root))
+    assert under_root and ids(training_source("custom:custom/train.jsonl", synthetic_root)) == under_root
+    as_given = f"custom:{synthetic_root.name}/custom/train.jsonl"
+    assert ids(load_source(as_given, "elsewhere")) == ids(load_benchmark(as_given, "elsewhere")) == under_root
+    with pytest.raises(ValueError, match="unknown training source 'refcoco:bogus'"):
+        load_source("refcoco:bogus", synthetic_root)
+    with pytest.raises(ValueError, match="unknown training source 'coco:train'"):
+        load_source("coco:train", synthetic_root)

@@ -1,4 +1,10 @@
-"""Named benchmarks over the upstream ``datasets/`` layout, plus ``custom:<path.jsonl>``.
+"""The one dataset registry: named benchmarks and training sources over the upstream ``datasets/`` layout, plus
+``custom:<path.jsonl>``.
+
+Benchmarks are named ``<dataset>_<split>`` (``refcoco_val``, ``grefcoco_testA``, ``groundingsuite``;
+:func:`load_benchmark`); training recipes name the same sets ``<dataset>:<split>`` (``refcoco:train``,
+``grefcoco:val``, ``reasonseg:train``; the split defaults to ``train``; :func:`load_source`). Both resolve a
+relative ``custom:`` path the same way: as given, else under ``data_root``.
 
 Default ``data_root`` layout::
 
@@ -13,9 +19,10 @@ Default ``data_root`` layout::
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from lens.data.base import Reference
 from lens.data.custom import load_custom
@@ -74,16 +81,49 @@ EVAL_BENCHMARKS: tuple[str, ...] = (
 )
 
 
+#: datasets a training source may name as ``<dataset>:<split>``.
+SOURCE_DATASETS: tuple[str, ...] = ("refcoco", "refcoco+", "refcocog", "grefcoco", "reasonseg")
+
+
+def custom_path(name: str, data_root: str | Path) -> Path:
+    """The file of ``custom:<path.jsonl>``: a relative path as given, else under ``data_root`` when it is there."""
+    path = Path(name[len(CUSTOM_PREFIX):])
+    if not path.is_absolute() and not path.exists() and (Path(data_root) / path).exists():
+        path = Path(data_root) / path
+    return path
+
+
+def source_key(name: str) -> str | None:
+    """The :data:`BENCHMARKS` key of a training source name (``refcoco:train`` or ``refcoco`` -> ``refcoco_train``;
+    a benchmark key stays as it is); None when it names no registered set."""
+    dataset, _, split = name.partition(":")
+    key = f"{dataset}_{split or 'train'}" if dataset in SOURCE_DATASETS else name
+    return key if key in BENCHMARKS else None
+
+
+def load_source(name: str, data_root: str | Path = DEFAULT_DATA_ROOT, **kw: Any) -> list[Reference]:
+    """Load training source ``name``: ``<dataset>:<split>`` (``refcoco:train``, ``refcoco+:train``,
+    ``refcocog:train``, ``grefcoco:val``, ``reasonseg:train``), a benchmark key, or ``custom:<path.jsonl>``.
+    gRefCOCO no-target refs come with an all-zero mask and no box (``meta["no_target"]``), multi-target ones with
+    the union mask."""
+    if name.startswith(CUSTOM_PREFIX):
+        return load_custom(custom_path(name, data_root), **kw)
+    key = source_key(name)
+    if key is None:
+        raise ValueError(
+            f"unknown training source {name!r}; expected refcoco:<split>, refcoco+:<split>, refcocog:<split>, "
+            f"grefcoco:<split>, reasonseg:<split> or custom:<path.jsonl> (the splits of {sorted(BENCHMARKS)})"
+        )
+    return BENCHMARKS[key](Path(data_root), **kw)
+
+
 def load_benchmark(name: str, data_root: str | Path = DEFAULT_DATA_ROOT, **kw: Any) -> list[Reference]:
     """Load benchmark ``name`` (a key of :data:`BENCHMARKS` or ``custom:<path.jsonl>``).
 
     A relative custom path is tried as given, then under ``data_root``. ``kw`` goes to the loader.
     """
     if name.startswith(CUSTOM_PREFIX):
-        path = Path(name[len(CUSTOM_PREFIX):])
-        if not path.is_absolute() and not path.exists() and (Path(data_root) / path).exists():
-            path = Path(data_root) / path
-        return load_custom(path, **kw)
+        return load_custom(custom_path(name, data_root), **kw)
     if name not in BENCHMARKS:
         raise KeyError(f"unknown benchmark {name!r}; known: {sorted(BENCHMARKS)} or 'custom:<path.jsonl>'")
     return BENCHMARKS[name](Path(data_root), **kw)

@@ -12,11 +12,13 @@ from transformers import initialization as init
 from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel, Qwen2_5_VLPreTrainedModel
 from transformers.utils import ModelOutput
 
+from lens.distinct import distinct_index
+
 from .config import LensConfig
 from .context import QueryConnector, build_proj_to_sam
 from .heads import token_log_probs
-from .zero3 import gathered
 from .sam import SamFeatures, build_sam, decode_masks, decode_masks_per_sample, encode_images
+from .zero3 import gathered
 
 
 @dataclass
@@ -319,9 +321,10 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         input_ids/attention_mask: (B, L), left or right padded. sam_images: (N, 3, S, S) 0..255 or
         precomputed `sam_features` of N images; `sam_image_index` (B,) says which image each row shows
         (default: row b shows image b); with `share_vision`, the vision tower also encodes each distinct image
-        once; with neither, no masks are decoded. Token scores: with `labels` (B, L; -100 = unscored), `log_probs` and `entropy` (B, L - 1; position j
-        scores token j + 1) at `temperature` and their mean NLL as `loss`, without (B, L, V) logits; else, with
-        `return_logits`, the logits of the last `logits_to_keep` positions (all when 0).
+        once; with neither, no masks are decoded. Token scores: with `labels` (B, L; -100 = unscored), `log_probs`
+        and `entropy` (B, L - 1; position j scores token j + 1) at `temperature` and their mean NLL as `loss`,
+        without (B, L, V) logits; else, with `return_logits`, the logits of the last `logits_to_keep` positions (all
+        when 0).
         Call it through `model(...)` (the wrapped model) when training: see `forward`.
         """
         if attention_mask is None:
@@ -365,18 +368,10 @@ def distinct_images(
     pixel_values: (sum_b patches_b, D) rows' patches in order; image_grid_thw: (B, 3); image_index: (B,).
     Returns the distinct images' patches and grids, and each row's position among them (B,).
     """
-    _, first, inverse = _first_occurrence(image_index)
+    first, inverse = distinct_index(image_index.tolist())
     offsets = torch.cat([image_grid_thw.new_zeros(1), image_grid_thw.prod(-1).cumsum(0)])
-    keep = torch.cat([torch.arange(int(offsets[r]), int(offsets[r + 1]), device=pixel_values.device) for r in first.tolist()])
-    return pixel_values[keep], image_grid_thw[first], inverse
-
-
-def _first_occurrence(index: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(distinct values, first row of each, each row's position among the distinct values)."""
-    values, inverse = torch.unique(index, return_inverse=True)
-    rows = torch.arange(index.numel(), device=index.device)
-    first = torch.full_like(values, index.numel()).scatter_reduce(0, inverse, rows, reduce="amin")
-    return values, first, inverse
+    keep = torch.cat([torch.arange(int(offsets[r]), int(offsets[r + 1]), device=pixel_values.device) for r in first])
+    return pixel_values[keep], image_grid_thw[first], inverse.to(image_index.device)
 
 
 def _register_auto_classes() -> None:

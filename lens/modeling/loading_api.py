@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from .presets import PRESETS, build_preset
+from .presets import build_preset, preset_name
 
 
 def resolve_checkpoint(name_or_path: str | Path) -> Path:
@@ -38,8 +38,9 @@ def load_model_and_processor(
 
     from .lens import LensForConditionalGeneration
 
-    if str(name_or_path) in PRESETS:
-        model, processor = build_preset(str(name_or_path), dtype=dtype)
+    preset = preset_name(name_or_path)
+    if preset is not None:
+        model, processor = build_preset(preset, dtype=dtype)
     else:
         path = resolve_checkpoint(name_or_path)
         model = LensForConditionalGeneration.from_pretrained(path, dtype=dtype or "auto", **model_kwargs)

@@ -32,6 +32,21 @@ def preset_path(name: str) -> Traversable:
     return path
 
 
+PRESET_PREFIX = "preset:"
+
+
+def preset_name(spec: object) -> str | None:
+    """The preset a model spec names, else None (a checkpoint folder or hub id). The one parser of preset specs:
+    `preset:<name>` (recipes' `model.init`) or a bare preset name (`Segmenter.from_pretrained`, evaluation's
+    `model`). An unknown `preset:<name>` raises."""
+    text = str(spec)
+    if text.startswith(PRESET_PREFIX):
+        name = text[len(PRESET_PREFIX):]
+        preset_path(name)  # raises, naming the presets
+        return name
+    return text if text in PRESETS else None
+
+
 def load_preset(name: str, **overrides: Any) -> tuple[dict, dict]:
     """(config dict, processor kwargs) of a preset; `overrides` update top-level config fields."""
     raw = yaml.safe_load(preset_path(name).read_text())

@@ -2,40 +2,23 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 
+from lens.data import registry
 from lens.data.base import Reference
-from lens.data.custom import load_custom
 from lens.data.dataset import GroundingDataset
-from lens.data.reasonseg import load_reasonseg
-from lens.data.refer import load_refer
+from lens.distinct import distinct_index
 from lens.prompts import build_messages, grounding_answer, json_answer, phrase_answer
-
-REFER_DATASETS = ("refcoco", "refcoco+", "refcocog")
 
 
 def load_source(name: str, data_root: str | Path) -> list[Reference]:
-    """`refcoco:train`, `refcoco+:train`, `refcocog:train`, `grefcoco:train`, `reasonseg:train` or
-    `custom:path.jsonl`. gRefCOCO no-target refs come with an all-zero mask and no box
-    (`meta["no_target"]`), multi-target ones with the union mask."""
-    kind, _, arg = name.partition(":")
-    if kind == "custom":
-        return load_custom(arg)
-    if kind in REFER_DATASETS:
-        return load_refer(data_root, kind, arg or "train")
-    if kind == "grefcoco":
-        from lens.data.grefcoco import load_grefcoco
-
-        return load_grefcoco(data_root, arg or "train")
-    if kind == "reasonseg":
-        return load_reasonseg(data_root, arg or "train")
-    raise ValueError(
-        f"unknown training source {name!r}; expected refcoco:<split>, refcoco+:<split>, refcocog:<split>, "
-        f"grefcoco:<split>, reasonseg:<split> or custom:<path.jsonl>"
-    )
+    """One training source (`refcoco:train`, `grefcoco:val`, `reasonseg:train`, `custom:path.jsonl`, ...) from the
+    one dataset registry, `lens.data.registry.load_source`."""
+    return registry.load_source(name, data_root)
 
 
 def load_sources(names: Sequence[str], data_root: str | Path) -> list[Reference]:
@@ -59,11 +42,8 @@ def target_answer(item: dict[str, Any], style: str) -> str:
 
 def unique_images(items: Sequence[dict[str, Any]]) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """Stack each distinct image's SAM input once: (N, 3, S, S), row -> image index (B,), image keys."""
-    keys: dict[str, int] = {}
-    for it in items:
-        keys.setdefault(it["image_id"], len(keys))
-    first = {keys[it["image_id"]]: it["sam_image"] for it in reversed(items)}
-    return torch.stack([first[i] for i in range(len(keys))]), torch.tensor([keys[it["image_id"]] for it in items]), list(keys)
+    first, index = distinct_index([it["image_id"] for it in items])
+    return torch.stack([items[r]["sam_image"] for r in first]), index, [items[r]["image_id"] for r in first]
 
 
 class SupervisedCollator:

@@ -24,6 +24,7 @@ from trl import GRPOTrainer
 from trl.data_utils import apply_chat_template
 from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 
+from lens.distinct import distinct_index
 from lens.losses import mask_iou_from_logits, segmentation_loss
 from lens.modeling.loading import LEGACY_KEY_MAPPING
 from lens.modeling.sam import SamFeatures
@@ -181,8 +182,9 @@ class LensGRPOTrainer(VLLMViewMixin, GroupLRMixin, GRPOTrainer):
         ids = inputs["sam_bank"]
         if not bool((ids == bank).all()):
             raise RuntimeError(f"rows of SAM feature banks {ids.unique().tolist()} but the {mode} bank is {bank}")
-        used, local = torch.unique(inputs["sam_image_index"], return_inverse=True)
-        return features.index(used.to(features.image_embed.device)), local
+        rows = inputs["sam_image_index"]
+        first, local = distinct_index(rows.tolist())
+        return features.index(rows[first].to(features.image_embed.device)), local.to(rows.device)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
         if self.needs_mask_iou:

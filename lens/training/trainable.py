@@ -26,6 +26,14 @@ STAGE_DEFAULTS: dict[str, dict[str, bool]] = {
 }
 
 
+def check_groups(names, what: str) -> None:
+    """Raise if `names` (e.g. the keys of a recipe's `trainable` or `lr_multipliers` section) hold a name that is
+    not a trainable group; `what` names the section in the message. The one check of group names."""
+    unknown = sorted(set(names) - set(GROUPS))
+    if unknown:
+        raise ValueError(f"{what}: unknown groups {unknown}; expected a subset of {GROUPS}")
+
+
 def group_of(name: str) -> str | None:
     """Parameter name -> trainable group (None: never trained, e.g. SAM2's unused object-pointer head).
 
@@ -52,9 +60,7 @@ def set_trainable(model: nn.Module, stage: str, overrides: dict[str, bool] | Non
     """Freeze/unfreeze parameters by group; returns trainable parameter counts per group."""
     if stage not in STAGE_DEFAULTS:
         raise ValueError(f"stage={stage!r}; expected one of {sorted(STAGE_DEFAULTS)}")
-    unknown = set(overrides or {}) - set(GROUPS)
-    if unknown:
-        raise ValueError(f"unknown trainable groups {sorted(unknown)}; expected a subset of {GROUPS}")
+    check_groups(overrides or {}, "trainable")
     flags = {**STAGE_DEFAULTS[stage], **(overrides or {})}
     counts = dict.fromkeys(GROUPS, 0)
     for name, param in model.named_parameters():
@@ -90,9 +96,7 @@ def scale_group_lrs(optimizer: torch.optim.Optimizer, model: nn.Module, multipli
     Each existing param group (e.g. decay / no-decay) is split by trainable group; called before the
     LR scheduler is created, so schedules scale every group alike.
     """
-    unknown = set(multipliers) - set(GROUPS)
-    if unknown:
-        raise ValueError(f"lr_multipliers: unknown groups {sorted(unknown)}; expected a subset of {GROUPS}")
+    check_groups(multipliers, "lr_multipliers")
     if any(optimizer.state.values()):
         raise RuntimeError("lr_multipliers must be applied before the first optimizer step")
     scale = {id(p): float(multipliers.get(group_of(n) or "", 1.0)) for n, p in model.named_parameters()}

@@ -72,7 +72,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--json", type=Path, help="also write the final JSON to this file")
     # internal
     p.add_argument("--worker", help=argparse.SUPPRESS)  # <part>:<variant>, e.g. grpo:fast, eval:single
-    p.add_argument("--ckpt", type=Path, help=argparse.SUPPRESS)
+    p.add_argument("--ckpt", type=Path,
+                   help="a LENS checkpoint folder to measure instead of the preset with random weights")
     p.add_argument("--result", type=Path, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     for key, value in PRESET_DEFAULTS[args.preset].items():
@@ -206,6 +207,8 @@ def prepare(args, work: Path) -> None:
             log(f"writing synthetic data ({n_train} train / {n_val} val images, {args.image_size} px) to {args.data}")
             generate_synthetic(args.data, seed=args.seed, n_train=n_train, n_val=n_val, n_test=1, image_size=args.image_size)
             write_stamp(args.data, stamp)
+    if args.ckpt is not None:  # the user's checkpoint
+        return
     args.ckpt = work / f"ckpt_{args.preset}"
     stamp = {"preset": args.preset, "seed": args.seed}
     if not stamp_matches(args.ckpt, stamp):

@@ -49,8 +49,8 @@ def report_grpo(g: dict[str, Any], summary: dict[str, Any]) -> None:
     if "mfu_train_fwd_bwd" in f:
         print(f"    MFU (train fwd+bwd, {summary['peak_tflops']:.0f} TFLOP/s peak): fast {f['mfu_train_fwd_bwd']:.1%}, "
               f"reference {r['mfu_train_fwd_bwd']:.1%}; whole step: fast {f['mfu_step']:.1%}, reference {r['mfu_step']:.1%}")
-    print(f"    logged losses (round 1) fast {['%.5f' % x for x in f['losses'][0]]}, "
-          f"reference {['%.5f' % x for x in r['losses'][0]]}")
+    print(f"    logged losses (round 1) fast {[f'{x:.5f}' for x in f['losses'][0]]}, "
+          f"reference {[f'{x:.5f}' for x in r['losses'][0]]}")
 
 
 def report_eval(title: str, e: dict[str, Any]) -> None:

@@ -5,9 +5,9 @@ from __future__ import annotations
 import resource
 import statistics
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Callable, Iterator
 
 
 def sync(device: str) -> None:

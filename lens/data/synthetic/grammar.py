@@ -4,8 +4,9 @@ parsing it back (:func:`parse_expression`), resolving it in a scene (:func:`reso
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 

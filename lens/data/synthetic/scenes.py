@@ -39,7 +39,7 @@ class Scene:
     background: str = "solid"
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "Scene":
+    def from_dict(cls, d: dict[str, Any]) -> Scene:
         return cls(**{**d, "objects": [SceneObject(**o) for o in d["objects"]]})
 
 
