@@ -42,11 +42,17 @@ def test_random_expression_is_reproducible_and_varies(refs):
     b = GroundingDataset(multi, seed=3)
     picks = lambda ds: [ds.expression_index(i) for i in range(len(ds))]  # noqa: E731
     assert picks(a) == picks(b)
-    seen = set()
+    seen, runs = set(), {3: [], 4: []}
+    other = GroundingDataset(multi, seed=4)
     for epoch in range(6):
-        a.set_epoch(epoch)
+        for ds, seed in ((a, 3), (other, 4)):
+            ds.set_epoch(epoch)
+            runs[seed].append(picks(ds))
         seen.update(picks(a))
     assert len(seen) > 1
+    assert runs[3] != runs[4]  # the seed is used: another seed picks other expressions over the epochs
+    b.set_epoch(5)
+    assert picks(b) == runs[3][5]  # an epoch's picks depend on (seed, epoch) only, not on the epochs before
     fixed = GroundingDataset(multi, random_expression=False)
     assert set(picks(fixed)) == {0}
 

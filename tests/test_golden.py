@@ -4,12 +4,12 @@ A refactor that is meant to leave the numbers alone (recipe inheritance, trainer
 path) must leave these unchanged; one that changes them fails here and has to say why in its commit, where the
 values are then updated on purpose.
 
-How the values were produced: `tests/test_golden.py` as written, on CPU with one intra-op thread (the `one_thread`
-fixture), torch 2.x / transformers 5 / TRL 1.16 of `.venv`, on the `synthetic_root` data and the `tiny_checkpoint`
-weights of `tests/conftest.py`, with the overrides in `OVERRIDES` (first produced at commit 66891b4); each run in
-separate processes to check
-the run-to-run spread: three runs (one with OMP_NUM_THREADS=2) gave identical values to the last digit. The observed values are printed when a
-check fails, so an intended change can be re-pinned from the failure message.
+How the values were produced: this file as written (with `print(what, observed)` added in `check`), on CPU with
+one intra-op thread (the `one_thread` fixture), the `.venv` of this repository (torch, transformers 5, TRL 1.16), on
+the `synthetic_root` data and the `tiny_checkpoint` weights of `tests/conftest.py`, with the overrides in `OVERRIDES`.
+Run-to-run spread: five runs in separate processes (one with OMP_NUM_THREADS=2; clean `git archive` trees of
+commits 66891b4 and 771304a included) gave the same values to the last digit. A failure prints the observed values,
+so that an intended change can be re-pinned from its message.
 """
 
 from __future__ import annotations

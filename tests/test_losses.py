@@ -100,10 +100,15 @@ def test_grouped_loss_equals_per_sample_loop(sizes):
 
 
 def test_bf16_logits_and_numpy_targets():
-    logits = torch.randn(2, 1, 4, 4).to(torch.bfloat16)
+    logits = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0)).to(torch.bfloat16)
     targets = [np.ones((5, 6), dtype=np.uint8), np.zeros((5, 6), dtype=np.uint8)]
     loss, parts = segmentation_loss(logits, targets)
     assert loss.dtype == torch.float32 and torch.isfinite(loss)
+    # the same as float32 logits holding the bf16 values and tensor targets: upcast before the loss, not after
+    ref, ref_parts = segmentation_loss(logits.float(), [torch.from_numpy(t) for t in targets])
+    assert loss.item() == pytest.approx(ref.item(), rel=1e-6)
+    assert parts["bce"].item() == pytest.approx(ref_parts["bce"].item(), rel=1e-6)
+    assert loss.item() == pytest.approx(_reference_loop(logits.float(), [torch.from_numpy(t) for t in targets]).item(), rel=1e-5)
 
 
 def test_shape_errors():

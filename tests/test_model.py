@@ -167,7 +167,11 @@ def test_context_init_is_explicit(tiny):
 def test_presets_are_seeded():
     a, _ = build_preset("tiny", seed=3)
     b, _ = build_preset("tiny", seed=3)
+    c, _ = build_preset("tiny", seed=4)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+    differ = {k for (k, x), y in zip(a.state_dict().items(), c.state_dict().values()) if not torch.equal(x, y)}
+    for name in ("learnable_query", "conv_1d.weight", "lm_head.weight", "sam.sam_mask_decoder.iou_token.weight"):
+        assert name in differ, name  # the seed reaches the LM, the context module and SAM2
 
 
 def test_3b_preset_matches_reference_parameter_counts():
