@@ -189,6 +189,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # two evaluation processes through the CLI
 def test_two_process_gather_equals_single_process(data_root, segmenter, tmp_path):
     args = ["--model", "tiny", "--data-root", str(data_root), "--benchmarks", "refcoco_val",
             "--batch-size", "4", "--max-new-tokens", str(MAX_NEW), "--device", "cpu"]
