@@ -76,19 +76,22 @@ def build_app(segmenter):
     import gradio as gr
     from PIL import UnidentifiedImageError
 
-    class UploadedImage(gr.Image):
-        """gr.Image whose unreadable uploads become an error message in the page, not a server traceback."""
+    image_in = gr.Image(type="pil", label="Image", elem_id="lens-image")
+    stock_preprocess = image_in.preprocess
 
-        is_template = True  # rendered by the frontend's Image component
+    def preprocess(payload):
+        """gr.Image's own decoding; an unreadable upload becomes an error message in the page, not a traceback.
 
-        def preprocess(self, payload):
-            try:
-                return super().preprocess(payload)
-            except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
-                name = getattr(payload, "orig_name", None) or "the uploaded file"
-                print(f"[demo] rejected upload {name}: not a readable image", flush=True)
-                raise gr.Error(f"{name} is not an image that can be read (PNG, JPEG, WebP, ...)",
-                               title="Not an image", print_exception=False) from exc
+        (Set on the instance: a subclass of a gradio component would make gradio write a demo.pyi stub.)"""
+        try:
+            return stock_preprocess(payload)
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            name = getattr(payload, "orig_name", None) or "the uploaded file"
+            print(f"[demo] rejected upload {name}: not a readable image", flush=True)
+            raise gr.Error(f"{name} is not an image that can be read (PNG, JPEG, WebP, ...)",
+                           title="Not an image", print_exception=False) from exc
+
+    image_in.preprocess = preprocess
 
     def predict(image: Image.Image | None, prompt: str, cot: bool):
         if image is None:
@@ -103,7 +106,7 @@ def build_app(segmenter):
     return gr.Interface(
         predict,
         [
-            UploadedImage(type="pil", label="Image", elem_id="lens-image"),
+            image_in,
             gr.Textbox(label="Instruction", placeholder="the dog on the left", elem_id="lens-prompt"),
             gr.Checkbox(label="Chain of thought", elem_id="lens-cot"),
         ],
