@@ -63,13 +63,20 @@ def test_parse_box_non_string(value):
     assert parse_box(value) is None
 
 
+_BOXY = st.lists(st.one_of(st.text(max_size=8), st.sampled_from(
+    ["<answer>", "</answer>", "[1, 2, 3, 4]", "(5, 6),(7, 8)", "(1.5, 2, 3, 4)", "[9, 9, 9]", "9" * 400])), max_size=6).map("".join)
+
+
 @settings(max_examples=300, deadline=None)
-@given(st.text())
+@given(st.one_of(st.text(), _BOXY))
 def test_parse_box_fuzz(text):
     box = parse_box(text)
     assert box is None or (len(box) == 4 and all(math.isfinite(v) for v in box))
-    box = parse_answer_box(text)
-    assert box is None or len(box) == 4
+    answer = extract_answer(text)
+    from_answer = parse_box(answer) if answer is not None else None
+    # the answer block's box when it has one, else the whole text's
+    assert parse_answer_box(text) == (from_answer if from_answer is not None else box)
+    assert parse_answer_box(text, fallback=False) == (from_answer if answer is not None else box)
 
 
 class _CountingPattern:
