@@ -157,13 +157,20 @@ def test_checkpoint_without_processor_is_an_error(tiny, tmp_path):
 
 def test_stock_class_still_loads_our_language_model(tiny, tmp_path):
     """Our checkpoints stay readable by plain transformers (extra LENS keys are ignored)."""
-    model, _ = tiny
+    model, processor = tiny
     model.save_pretrained(tmp_path)
     cfg = json.loads((tmp_path / "config.json").read_text())
     cfg["model_type"] = "qwen2_5_vl"
     (tmp_path / "config.json").write_text(json.dumps(cfg))
-    stock = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path)
+    stock = Qwen2_5_VLForConditionalGeneration.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(stock.lm_head.weight, model.lm_head.weight)
+    theirs = stock.state_dict()
+    ours = model.state_dict()
+    assert all(torch.equal(v, ours[k]) for k, v in theirs.items())  # every language/vision weight, not just the head
+    batch, _, _ = make_batch(processor)
+    mm = (batch["input_ids"] == model.config.image_token_id).int()
+    with torch.no_grad():
+        torch.testing.assert_close(stock(**batch, mm_token_type_ids=mm).logits, model(**batch, mm_token_type_ids=mm).logits)
 
 
 def test_hub_ids_are_downloaded_and_cached(tiny, tmp_path, monkeypatch):
