@@ -36,8 +36,11 @@ def test_real_recipe_resolves_with_what_the_trainer_needs(path):
     unknown = (set(recipe["train"]) | set(recipe.get("grpo", {}))) - fields
     assert not unknown, unknown
     if recipe["stage"] == "stage2":
-        g = recipe["grpo"]["num_generations"]
-        assert recipe["train"]["per_device_train_batch_size"] % g == 0  # whole GRPO groups per rank
+        # whole GRPO groups per rank in each generation batch (TRL: per-device batch x steps_per_generation, which
+        # defaults to the accumulation steps)
+        g, train = recipe["grpo"]["num_generations"], recipe["train"]
+        steps = recipe["grpo"].get("steps_per_generation") or train.get("gradient_accumulation_steps", 1)
+        assert train["per_device_train_batch_size"] * steps % g == 0
     if "lora" in recipe:
         assert lora_config(recipe["lora"]) is not None
 
