@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The LENS miniature on CPU (about 15 minutes on 2 cores): synthetic data, tiny warm-up, stage 1, stage 2 (GRPO),
-# evaluation of every stage with the swap check, a demo overlay; results in outputs/quickstart/results.json.
+# The LENS miniature on CPU (about 11 minutes on 2 idle cores): synthetic data, tiny warm-up, stage 1, stage 2 (GRPO),
+# evaluation of every stage with the swap check, the stage-2 reward on fixed prompts, a demo overlay; results
+# (with each phase's seconds) in outputs/quickstart/results.json. Findings: docs/lab-notebook.md.
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 source scripts/setup_env.sh
