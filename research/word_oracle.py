@@ -1,6 +1,7 @@
 """Word oracle: how well can a SAM2 mask decoder follow referring expressions when it is handed the words?
 
-A diagnostic for the miniature (research/README.md; findings in docs/lab-notebook.md). It replaces Qwen and the context module by a bidirectional
+A diagnostic for the miniature (research/README.md; findings in docs/lab-notebook.md). It replaces Qwen and
+the context module by a bidirectional
 GRU over the expression's words that writes the SAM2 sparse prompt directly, so the decoder gets the words
 without loss. As in tiny stage 1, the image encoder stays frozen (features computed once per image) and the
 prompt encoder and mask decoder train with the LENS segmentation loss (BCE + dice). The held-out gIoU it

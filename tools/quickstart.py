@@ -38,7 +38,8 @@ def train(stage: str, overrides: list[str]) -> Path:
 def logged(stage: str, key: str) -> list[float]:
     state = OUT / stage / "final" / "trainer_state.json"
     if not state.is_file():
-        checkpoints = sorted((OUT / stage).glob("checkpoint-*/trainer_state.json"), key=lambda p: int(p.parent.name.split("-")[1]))
+        checkpoints = sorted((OUT / stage).glob("checkpoint-*/trainer_state.json"),
+                             key=lambda p: int(p.parent.name.split("-")[1]))
         state = checkpoints[-1] if checkpoints else state
     history = json.loads(state.read_text())["log_history"] if state.is_file() else []
     return [h[key] for h in history if key in h]

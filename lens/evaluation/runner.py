@@ -31,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from lens.data.registry import EVAL_BENCHMARKS, load_benchmark
 from lens.evaluation.analysis import box_mask_analysis, gres_metrics

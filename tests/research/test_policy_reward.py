@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from lens.data.refer import load_refer
-from research.policy_reward import policy_reward
 from lens.inference import Segmenter
+from research.policy_reward import policy_reward
 
 
 @pytest.fixture(scope="module")
