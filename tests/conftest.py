@@ -66,3 +66,39 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture()
+def make_batch():
+    """Factory: ``make_batch(processor, n_rows=3, n_images=2, seed=0)`` -> (tokens, sam_images, row -> image index).
+
+    Rows alternate over ``n_images`` random images; left-padded prompts + right-padded completions (eos-terminated).
+    tokens: input_ids / attention_mask (B, L), pixel_values, image_grid_thw; sam_images (N, 3, 256, 256) uint8.
+    """
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from lens.prompts import build_messages
+
+    def make(processor, n_rows: int = 3, n_images: int = 2, seed: int = 0):
+        rng = np.random.default_rng(seed)
+        images = [Image.fromarray(rng.integers(0, 255, (120 + 20 * i, 160, 3), dtype=np.uint8)) for i in range(n_images)]
+        rows = [i % n_images for i in range(n_rows)]
+        texts = [
+            processor.apply_chat_template(build_messages("the red circle" + " left" * r), add_generation_prompt=True,
+                                          tokenize=False)
+            for r in range(n_rows)
+        ]
+        inputs = processor(text=texts, images=[images[r] for r in rows], padding=True, return_tensors="pt")
+        tok = processor.tokenizer
+        completions = ["(1,2),(30,40)", "hello there", "(5,5),(9,9) done"][:n_rows]
+        comp = tok([c + tok.eos_token for c in completions], add_special_tokens=False, padding=True,
+                   padding_side="right", return_tensors="pt")
+        ids = torch.cat([inputs["input_ids"], comp["input_ids"]], 1)
+        mask = torch.cat([inputs["attention_mask"], comp["attention_mask"]], 1)
+        sam = torch.from_numpy(rng.integers(0, 255, (n_images, 3, 256, 256), dtype=np.uint8))
+        return dict(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"],
+                    image_grid_thw=inputs["image_grid_thw"]), sam, torch.tensor(rows)
+
+    return make

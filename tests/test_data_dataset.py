@@ -24,7 +24,8 @@ def test_item_contents(refs):
         item, ref = ds[i], refs[i]
         h, w = item["orig_hw"]
         assert isinstance(item["image"], Image.Image)
-        assert item["image"].size == (item["llm_hw"][1], item["llm_hw"][0]) and item["llm_hw"] == llm_image_size(h, w, 3136, 200_000)
+        assert item["image"].size == (item["llm_hw"][1], item["llm_hw"][0])
+        assert item["llm_hw"] == llm_image_size(h, w, 3136, 200_000)
         assert item["sam_image"].dtype == torch.uint8 and tuple(item["sam_image"].shape) == (3, 64, 64)
         assert item["mask"].dtype == np.uint8 and item["mask"].shape == (h, w)
         assert item["expression"] in ref.expressions and item["ref_id"] == ref.ref_id

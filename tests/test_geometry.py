@@ -63,8 +63,8 @@ def test_parse_box_non_string(value):
     assert parse_box(value) is None
 
 
-_BOXY = st.lists(st.one_of(st.text(max_size=8), st.sampled_from(
-    ["<answer>", "</answer>", "[1, 2, 3, 4]", "(5, 6),(7, 8)", "(1.5, 2, 3, 4)", "[9, 9, 9]", "9" * 400])), max_size=6).map("".join)
+_BOXY_PIECES = ["<answer>", "</answer>", "[1, 2, 3, 4]", "(5, 6),(7, 8)", "(1.5, 2, 3, 4)", "[9, 9, 9]", "9" * 400]
+_BOXY = st.lists(st.one_of(st.text(max_size=8), st.sampled_from(_BOXY_PIECES)), max_size=6).map("".join)
 
 
 @settings(max_examples=300, deadline=None)

@@ -13,8 +13,6 @@ from lens.modeling import LensForConditionalGeneration, build_preset, load_model
 from lens.modeling.loading import released_config_dict, released_state_dict
 from lens.modeling.sam import SAM2_CONFIGS
 
-from test_model import make_batch
-
 TINY_SAM = {}
 
 
@@ -28,7 +26,7 @@ def tiny():
     return model.eval(), processor
 
 
-def outputs(model, processor):
+def outputs(model, processor, make_batch):
     batch, sam, index = make_batch(processor)
     with torch.no_grad():
         return model.eval()(**batch, sam_images=sam, sam_image_index=index)
@@ -41,18 +39,18 @@ def assert_same_weights(a, b):
         assert torch.equal(sa[k], sb[k]), k
 
 
-def test_own_checkpoint_round_trip(tiny, tmp_path):
+def test_own_checkpoint_round_trip(tiny, make_batch, tmp_path):
     model, processor = tiny
     model.save_pretrained(tmp_path)
     processor.save_pretrained(tmp_path)
     loaded, proc = load_model_and_processor(tmp_path)
     assert_same_weights(model, loaded)
-    a, b = outputs(model, processor), outputs(loaded, proc)
+    a, b = outputs(model, processor, make_batch), outputs(loaded, proc, make_batch)
     assert torch.equal(a.logits, b.logits) and torch.equal(a.mask_logits, b.mask_logits)
     assert json.loads((tmp_path / "config.json").read_text())["model_type"] == "lens"
 
 
-def test_released_layout_loads_with_no_missing_or_unexpected_keys(tiny, tmp_path):
+def test_released_layout_loads_with_no_missing_or_unexpected_keys(tiny, make_batch, tmp_path):
     model, processor = tiny
     save_released_layout(model, tmp_path, processor)
     cfg = json.loads((tmp_path / "config.json").read_text())
@@ -68,7 +66,7 @@ def test_released_layout_loads_with_no_missing_or_unexpected_keys(tiny, tmp_path
     assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
     assert loaded.config.query_position_mode == "upstream"
     assert_same_weights(model, loaded)
-    a, b = outputs(model, processor), outputs(loaded, processor)
+    a, b = outputs(model, processor, make_batch), outputs(loaded, processor, make_batch)
     torch.testing.assert_close(a.logits, b.logits)
     torch.testing.assert_close(a.mask_logits, b.mask_logits)
 
@@ -155,7 +153,7 @@ def test_checkpoint_without_processor_is_an_error(tiny, tmp_path):
         load_model_and_processor(tmp_path)
 
 
-def test_stock_class_still_loads_our_language_model(tiny, tmp_path):
+def test_stock_class_still_loads_our_language_model(tiny, make_batch, tmp_path):
     """Our checkpoints stay readable by plain transformers (extra LENS keys are ignored)."""
     model, processor = tiny
     model.save_pretrained(tmp_path)

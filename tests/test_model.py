@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 import torch
-from PIL import Image
 from transformers.initialization import meta_device_safe_creation_ops
 
 from lens.modeling import LensConfig, LensForConditionalGeneration, build_preset
 from lens.modeling.presets import load_preset
-from lens.prompts import build_messages
 
 
 @pytest.fixture(scope="module")
@@ -19,27 +16,7 @@ def tiny():
     return model.eval(), processor
 
 
-def make_batch(processor, n_rows: int = 3, n_images: int = 2, seed: int = 0):
-    """Rows alternate over `n_images` random images; left-padded prompts + right-padded completions."""
-    rng = np.random.default_rng(seed)
-    images = [Image.fromarray(rng.integers(0, 255, (120 + 20 * i, 160, 3), dtype=np.uint8)) for i in range(n_images)]
-    rows = [i % n_images for i in range(n_rows)]
-    texts = [
-        processor.apply_chat_template(build_messages("the red circle" + " left" * r), add_generation_prompt=True, tokenize=False)
-        for r in range(n_rows)
-    ]
-    inputs = processor(text=texts, images=[images[r] for r in rows], padding=True, return_tensors="pt")
-    tok = processor.tokenizer
-    completions = ["(1,2),(30,40)", "hello there", "(5,5),(9,9) done"][:n_rows]
-    comp = tok([c + tok.eos_token for c in completions], add_special_tokens=False, padding=True, padding_side="right", return_tensors="pt")
-    ids = torch.cat([inputs["input_ids"], comp["input_ids"]], 1)
-    mask = torch.cat([inputs["attention_mask"], comp["attention_mask"]], 1)
-    sam = torch.from_numpy(rng.integers(0, 255, (n_images, 3, 256, 256), dtype=np.uint8))
-    return dict(input_ids=ids, attention_mask=mask, pixel_values=inputs["pixel_values"],
-                image_grid_thw=inputs["image_grid_thw"]), sam, torch.tensor(rows)
-
-
-def test_query_forward_shapes(tiny):
+def test_query_forward_shapes(tiny, make_batch):
     model, processor = tiny
     batch, sam, index = make_batch(processor)
     with torch.no_grad():
@@ -69,7 +46,7 @@ def test_upstream_positions_are_mask_cumsum(tiny):
 
 
 @pytest.mark.parametrize("mode", ["upstream", "mrope"])
-def test_appended_queries_leave_text_logits_unchanged(tiny, mode):
+def test_appended_queries_leave_text_logits_unchanged(tiny, make_batch, mode):
     model, processor = tiny
     batch, sam, index = make_batch(processor)
     model.config.query_position_mode = mode
@@ -89,7 +66,7 @@ def test_appended_queries_leave_text_logits_unchanged(tiny, mode):
     torch.testing.assert_close(out.logits[valid], ref.logits[valid], atol=1e-5, rtol=1e-5)
 
 
-def test_mrope_and_upstream_positions_differ_on_image_tokens(tiny):
+def test_mrope_and_upstream_positions_differ_on_image_tokens(tiny, make_batch):
     model, processor = tiny
     batch, _, _ = make_batch(processor)
     model.config.query_position_mode = "mrope"
@@ -107,7 +84,7 @@ def test_mrope_and_upstream_positions_differ_on_image_tokens(tiny):
     assert (h == h[:, :1]).all() and (h[1:, 0] - h[:-1, 0] == 1).all()
 
 
-def test_shared_sam_features_equal_per_row_encoding(tiny):
+def test_shared_sam_features_equal_per_row_encoding(tiny, make_batch):
     model, processor = tiny
     batch, sam, index = make_batch(processor, n_rows=3, n_images=2)
     with torch.no_grad():
@@ -119,7 +96,7 @@ def test_shared_sam_features_equal_per_row_encoding(tiny):
     torch.testing.assert_close(cached.mask_logits, shared.mask_logits)
 
 
-def test_batched_decoding_equals_one_row_at_a_time(tiny):
+def test_batched_decoding_equals_one_row_at_a_time(tiny, make_batch):
     model, processor = tiny
     batch, sam, index = make_batch(processor)
     with torch.no_grad():
@@ -136,7 +113,7 @@ def test_batched_decoding_equals_one_row_at_a_time(tiny):
             torch.testing.assert_close(single.mask_logits[0], full.mask_logits[b], atol=1e-4, rtol=1e-4)
 
 
-def test_gradients_reach_every_trainable_part(tiny):
+def test_gradients_reach_every_trainable_part(tiny, make_batch):
     model, processor = tiny
     batch, sam, index = make_batch(processor)
     model.train()
@@ -189,7 +166,7 @@ def test_3b_preset_matches_reference_parameter_counts():
     assert model.config.text_config.hidden_size == 2048 and model.config.text_config.num_hidden_layers == 36
 
 
-def test_bad_config_and_inputs(tiny):
+def test_bad_config_and_inputs(tiny, make_batch):
     model, processor = tiny
     with pytest.raises(ValueError, match="query_position_mode"):
         LensConfig(query_position_mode="bogus")
@@ -204,7 +181,7 @@ def test_bad_config_and_inputs(tiny):
         model(**batch, sam_images=sam)  # 2 images for 3 rows and no index
 
 
-def test_vision_tower_once_per_distinct_image_equals_per_row(tiny):
+def test_vision_tower_once_per_distinct_image_equals_per_row(tiny, make_batch):
     """Rows sharing an image: one ViT encoding, same outputs and same gradients as encoding every row."""
     model, processor = tiny
     batch, sam, index = make_batch(processor, n_rows=3, n_images=2)  # rows 0 and 2 show image 0

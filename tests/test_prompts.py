@@ -11,8 +11,8 @@ from lens.prompts import (
     build_messages,
     format_question,
     grounding_answer,
-    phrase_answer,
     json_answer,
+    phrase_answer,
 )
 
 SAMR1_V4 = (

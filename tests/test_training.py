@@ -28,6 +28,10 @@ def weights(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
+def logged_losses(checkpoint: Path) -> list[float]:
+    return [h["loss"] for h in json.loads((checkpoint / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+
+
 def test_stage_defaults_match_the_paper(tiny_checkpoint):
     from lens.modeling import LensForConditionalGeneration
 
@@ -59,11 +63,11 @@ def test_resume_gives_the_same_next_step_loss(tiny_recipe, tmp_path):
     recipe = tiny_recipe("stage1", "train.max_steps=4", "train.save_steps=2",
                          "train.per_device_train_batch_size=4", out=out)
     run(recipe)
-    uninterrupted = [h["loss"] for h in json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    uninterrupted = logged_losses(out / "checkpoint-4")
     shutil.rmtree(out / "checkpoint-4")
     shutil.rmtree(out / "final")
     run(recipe, resume=True)  # continues from checkpoint-2
-    resumed = [h["loss"] for h in json.loads((out / "checkpoint-4" / "trainer_state.json").read_text())["log_history"] if "loss" in h]
+    resumed = logged_losses(out / "checkpoint-4")
     assert len(uninterrupted) == len(resumed) == 4
     assert resumed[2:] == pytest.approx(uninterrupted[2:], rel=1e-5, abs=1e-6)
 
@@ -357,7 +361,7 @@ def test_malformed_completion_scores_zero_not_a_crash(completions, gt, bad_iou):
         no_answer_close = [c.replace("</answer>", "") for c in completions]
         assert rewards.think_format([None] * n, no_answer_close) == [0.0] * n
         # a well-formed answer still scores through the unclamped path: the zeros above are the parsers' own
-        good = '<think>x</think><answer>{"bbox_2d": [%d, %d, %d, %d]}</answer>' % tuple(gt)
+        good = '<think>x</think><answer>{"bbox_2d": [' + ", ".join(map(str, gt)) + "]}</answer>"
         assert rewards.box_iou([None], [good], box_llm=[gt]) == [1.0]
         assert rewards.answer_format([None], [good]) == rewards.think_format([None], [good]) == [1.0]
     for c in completions:
