@@ -144,6 +144,18 @@ def upload_and_submit(driver, wait, file: Path, prompt: str) -> None:
     submit.click()
 
 
+def wait_for(driver, wait, condition, what: str, log: Path):
+    """`wait.until(condition)`; on a timeout, fail naming what did not appear, with the page's toasts and the log."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.common.by import By
+
+    try:
+        return wait.until(condition)
+    except TimeoutException:
+        toasts = [el.text for el in driver.find_elements(By.CSS_SELECTOR, ".toast-body")]
+        pytest.fail(f"{what} did not appear; toasts in the page: {toasts}; server log:\n{log.read_text()[-3000:]}")
+
+
 def test_upload_prompt_and_receive_overlay_and_answer(server, driver, tmp_path):
     from selenium.webdriver.common.by import By
 
@@ -155,10 +167,11 @@ def test_upload_prompt_and_receive_overlay_and_answer(server, driver, tmp_path):
 
     wait = open_page(driver, url)
     upload_and_submit(driver, wait, picture, "the red circle")
-    answer = wait.until(lambda d: d.find_element(By.CSS_SELECTOR, "#lens-answer textarea").get_attribute("value"))
-    overlay_src = wait.until(lambda d: next(
+    answer = wait_for(driver, wait, lambda d: d.find_element(By.CSS_SELECTOR, "#lens-answer textarea").get_attribute("value"),
+                      "the answer text", log)
+    overlay_src = wait_for(driver, wait, lambda d: next(
         (img.get_attribute("src") for img in d.find_elements(By.CSS_SELECTOR, "#lens-overlay img")
-         if img.get_attribute("src")), None))
+         if img.get_attribute("src")), None), "the overlay image", log)
     shot(driver, tmp_path, "web_demo_answer")
 
     # the same model in this process (the preset is seeded, decoding greedy): the page shows its answer and overlay
@@ -188,9 +201,9 @@ def test_a_bad_upload_shows_an_error_in_the_page_not_a_traceback(server, driver,
 
     def error_text(d):
         texts = [el.text for el in d.find_elements(By.CSS_SELECTOR, ".toast-body, [data-testid='toast-body']")]
-        return next((t for t in texts if "not an image" in t.lower() or "not an image" in t), None)
+        return next((t for t in texts if "not an image" in t), None)
 
-    message = wait.until(error_text)
+    message = wait_for(driver, wait, error_text, "an error message naming the bad upload", log)
     shot(driver, tmp_path, "web_demo_bad_upload")
     assert "notes.png" in message
     time.sleep(1.0)
