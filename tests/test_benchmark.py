@@ -152,3 +152,16 @@ def test_grpo_settings_fix_the_completion_length(tmp_path):
     assert s["grpo.max_completion_length"] == 16 and s["grpo.generation_kwargs"] == {"min_new_tokens": 16}
     assert s["train.gradient_accumulation_steps"] == 1 and s["train.max_steps"] == 4  # 2 x 4 / 8; 1 warm-up + 3
     assert "flow" not in s  # the reference flow is a trainer subclass, not a recipe key
+
+
+def test_reference_flow_adopts_only_a_single_process_lens_trainer():
+    from tools.benchmark.reference_flow import ReferenceFlowTrainer
+
+    with pytest.raises(TypeError, match="expected a LensGRPOTrainer"):
+        ReferenceFlowTrainer.adopt(SimpleNamespace(args=SimpleNamespace(world_size=1)))
+    trainer = object.__new__(ReferenceFlowTrainer.__mro__[1])  # a bare LensGRPOTrainer, nothing built
+    trainer.args = SimpleNamespace(world_size=2)
+    with pytest.raises(ValueError, match="one process only"):
+        ReferenceFlowTrainer.adopt(trainer)
+    trainer.args.world_size = 1
+    assert type(ReferenceFlowTrainer.adopt(trainer)) is ReferenceFlowTrainer

@@ -19,6 +19,10 @@ from lens.training.grpo import LensGRPOTrainer
 class ReferenceFlowTrainer(LensGRPOTrainer):
     """`LensGRPOTrainer` with the original's data flow (see the module docstring)."""
 
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        _one_process(self)
+
     @classmethod
     def adopt(cls, trainer: LensGRPOTrainer) -> ReferenceFlowTrainer:
         """Turn a built `LensGRPOTrainer` (e.g. from `lens.training.recipe.build_trainer`) into this flow in place.
@@ -26,8 +30,7 @@ class ReferenceFlowTrainer(LensGRPOTrainer):
         The subclass adds no state, so changing the instance's class is all it takes."""
         if not isinstance(trainer, LensGRPOTrainer):
             raise TypeError(f"expected a LensGRPOTrainer, got {type(trainer).__name__}")
-        if trainer.args.world_size > 1:
-            raise ValueError("the reference flow (the benchmark's original-like flow) runs in one process only")
+        _one_process(trainer)
         trainer.__class__ = cls
         return trainer
 
@@ -50,3 +53,8 @@ class ReferenceFlowTrainer(LensGRPOTrainer):
             out = model(**chunk, labels=labels, temperature=self.temperature, append_queries=True,
                         sam_features=None, sam_image_index=index, share_vision=False)
         return out.log_probs, out.entropy, masks
+
+
+def _one_process(trainer) -> None:
+    if trainer.args.world_size > 1:
+        raise ValueError("the reference flow (the benchmark's original-like flow) runs in one process only")
