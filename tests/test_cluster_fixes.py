@@ -175,3 +175,18 @@ def test_zero3_loading_counts_and_reinit_under_partitioned_parameters(tmp_path):
         assert r["sam_equal_file"] and r["reinit_changed"]
         assert 0.015 < r["query_std"] < 0.025
     assert ranks[0]["query_sum"] == ranks[1]["query_sum"]  # rank 0's initialisation reached every rank
+
+
+def test_a_preset_policy_gets_the_recipes_attention_implementation():
+    from lens.training.recipe import load_policy
+
+    model, _ = load_policy({"init": "preset:tiny", "attn_implementation": "eager"}, seed=0)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_a_given_policy_must_match_the_recipes_position_mode(synthetic_root, tiny_checkpoint, tmp_path):
+    recipe = tiny("stage1", synthetic_root, tiny_checkpoint, tmp_path / "p", "train.max_steps=1",
+                  "model.query_position_mode=mrope")
+    model, processor = build_preset("tiny", seed=0, query_position_mode="upstream")
+    with pytest.raises(ValueError, match="query_position_mode='mrope'"):
+        build_trainer(recipe, policy=(model, processor))

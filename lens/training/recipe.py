@@ -44,6 +44,8 @@ def load_policy(cfg: ModelConfig | dict[str, Any], seed: int):
     lens_fields = {} if cfg.query_position_mode is None else {"query_position_mode": cfg.query_position_mode}
     if init.startswith("preset:"):
         model, processor = build_preset(init.split(":", 1)[1], seed=seed, dtype=dtype, **lens_fields)
+        if cfg.attn_implementation:  # a preset is built with the default (SDPA) like any config
+            model.set_attn_implementation(cfg.attn_implementation)
     else:
         kwargs = {"dtype": dtype, **lens_fields}
         if cfg.attn_implementation:
@@ -114,6 +116,10 @@ def build_trainer(recipe: Recipe | dict[str, Any], policy: tuple | None = None):
         (out / "config.yaml").write_text(yaml.safe_dump(recipe.to_dict(), sort_keys=False))
 
     model, processor = policy if policy is not None else load_policy(recipe.model, seed)
+    wanted = recipe.model.query_position_mode
+    if policy is not None and wanted is not None and wanted != model.config.query_position_mode:
+        raise ValueError(f"model.query_position_mode={wanted!r} but the given policy uses "
+                         f"{model.config.query_position_mode!r}: set model.config.query_position_mode first")
     data = recipe.data
     set_pixel_limits(processor, data.min_pixels, data.max_pixels)
     processor.tokenizer.padding_side = "left"
