@@ -73,7 +73,7 @@ def test_the_schema_covers_every_trainable_group():
 
 # ---------------------------------------------------------------------- typos: file, key, suggestion
 @pytest.mark.parametrize(("line", "key", "suggestion"), [
-    ("flwo: reference", "flwo", "flow"),  # top level
+    ("rewrads: [box_iou]", "rewrads", "rewards"),  # top level
     ("loss: {seg_wieght: 5}", "loss.seg_wieght", "loss.seg_weight"),  # a typed section
     ("model: {dtpye: bfloat16}", "model.dtpye", "model.dtype"),
     ("train: {learning_rte: 1.0e-5}", "train.learning_rte", "train.learning_rate"),  # TrainingArguments
@@ -97,7 +97,7 @@ def test_a_misspelled_key_in_a_base_recipe_names_the_base_file(tmp_path):
     ("loss.seg_wieght=5", "loss.seg_wieght", "loss.seg_weight"),
     ("model.dtpye=bfloat16", "model.dtpye", "model.dtype"),
     ("train.learning_rte=1e-5", "train.learning_rte", "train.learning_rate"),
-    ("flwo=reference", "flwo", "flow"),  # flow exists, for stage 2 recipes
+    ("cache_sam_featres=true", "cache_sam_featres", "cache_sam_features"),  # top level
 ])
 def test_a_misspelled_override_names_the_override(override, key, suggestion):
     message = error_of(TINY_STAGE1, ["train.max_steps=3", override])
@@ -149,7 +149,7 @@ def test_defaults_live_in_the_schema():
     assert recipe["train"]["remove_unused_columns"] is False and recipe["train"]["seed"] == 0  # the recipe's seed
     assert "grpo" not in recipe and "rewards" not in recipe  # stage-2 sections only in stage-2 recipes
     stage2 = load_recipe(RECIPES / "stage2.yaml")
-    assert stage2["flow"] == "fast" and stage2["train"]["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
+    assert "flow" not in stage2 and stage2["train"]["gradient_checkpointing_kwargs"] == {"use_reentrant": False}
 
 
 # ---------------------------------------------------------------------- the tiny recipes inherit the real ones
@@ -184,7 +184,6 @@ TINY_STAGE2_RESOLVED = {
     "trainable": {"sam_image_encoder": False},
     "lr_multipliers": {"sam_mask_decoder": 10.0},
     "rewards": ["box_iou", "mask_iou"],
-    "flow": "fast",
     "grpo": {"num_generations": 2, "beta": 0.04, "temperature": 1.5, "top_p": 1.0, "top_k": 0,
              "max_completion_length": 40, "loss_type": "grpo", "scale_rewards": "group"},
 }

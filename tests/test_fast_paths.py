@@ -178,9 +178,12 @@ def test_grpo_forward_fast_equals_reference_flow(grpo_batches):
             close(fast[name], ref[name], atol=1e-6, rtol=1e-3)
 
 
-def test_product_trainer_refuses_another_flow():
-    with pytest.raises(ValueError, match="ReferenceFlowTrainer in tools/benchmark/reference_flow.py"):
-        LensGRPOTrainer(flow="reference")  # checked first, before any other argument is read
+def test_recipes_have_no_flow_switch():
+    # the original's flow lives in the benchmark only (tools/benchmark/reference_flow.py)
+    from lens.training.recipe import load_recipe
+
+    with pytest.raises(ValueError, match="unknown key 'flow'"):
+        load_recipe(Path(__file__).resolve().parents[1] / "configs/recipes/tiny/stage2.yaml", ["flow=reference"])
 
 
 # ---------------------------------------------------------------------- (4) batched evaluation

@@ -26,7 +26,7 @@ from lens.config import DTYPE_NAMES, ConfigError, build, closest, field_names, p
 
 STAGES = ("warmup", "stage1", "stage2")
 ANSWER_STYLES = ("grounding", "phrase", "json")  # lens/training/data.py target_answer
-STAGE2_ONLY = ("rewards", "flow", "lora", "grpo")
+STAGE2_ONLY = ("rewards", "lora", "grpo")
 SUPERVISED_ONLY = ("cache_sam_features",)  # warmup and stage 1
 LORA_TARGETS = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 LORA_MODULES_TO_SAVE = ["connector", "conv_1d", "proj_to_sam", "sam_mask_decoder", "sam_prompt_encoder"]
@@ -124,7 +124,6 @@ class Recipe:
     lr_multipliers: LrMultipliers = field(default_factory=LrMultipliers)
     cache_sam_features: bool = False  # warmup / stage 1: keep each image's SAM2 features (frozen encoder) in memory
     rewards: list[str] = field(default_factory=lambda: ["box_iou", "mask_iou"])  # stage 2, lens/rewards.py names
-    flow: str = "fast"  # stage 2
     lora: LoraSettings | None = None  # stage 2: None = full fine-tuning
     grpo: dict[str, Any] = field(default_factory=dict)  # stage 2: trl.GRPOConfig fields beyond TrainingArguments'
 

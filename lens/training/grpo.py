@@ -98,15 +98,9 @@ class LensGRPOTrainer(VLLMViewMixin, GroupLRMixin, GRPOTrainer):
         bce_weight: float = 1.0,
         dice_weight: float = 1.0,
         reference_init: str | Path | None = None,
-        flow: str = "fast",
         lr_multipliers: dict[str, float] | None = None,
         **kwargs,
     ) -> None:
-        if flow != "fast":
-            raise ValueError(
-                f"flow={flow!r}: the product trainer has one flow ('fast'); the original's flow for benchmarking is "
-                "ReferenceFlowTrainer in tools/benchmark/reference_flow.py (python tools/benchmark.py)"
-            )
         config = kwargs["args"]
         per_rank = config.per_device_train_batch_size * config.steps_per_generation
         if per_rank % config.num_generations:

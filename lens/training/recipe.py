@@ -16,6 +16,7 @@ from transformers import AutoProcessor, TrainerCallback, set_seed
 from lens.config import DTYPES, parse_override, parse_value  # noqa: F401  (parse_*: re-exported for tools)
 from lens.data.dataset import GroundingDataset
 from lens.modeling import LensForConditionalGeneration, build_preset
+from lens.modeling.presets import preset_name
 from lens.rewards import get_reward_funcs
 from lens.training.config import (  # noqa: F401  (re-exported: callers import them from here)
     STAGES,
@@ -42,8 +43,9 @@ def load_policy(cfg: ModelConfig | dict[str, Any], seed: int):
         cfg = build(ModelConfig, cfg, "model", "model.")
     init, dtype = str(cfg.init), DTYPES[cfg.dtype]
     lens_fields = {} if cfg.query_position_mode is None else {"query_position_mode": cfg.query_position_mode}
-    if init.startswith("preset:"):
-        model, processor = build_preset(init.split(":", 1)[1], seed=seed, dtype=dtype, **lens_fields)
+    preset = preset_name(init)
+    if preset is not None:
+        model, processor = build_preset(preset, seed=seed, dtype=dtype, **lens_fields)
         if cfg.attn_implementation:  # a preset is built with the default (SDPA) like any config
             model.set_attn_implementation(cfg.attn_implementation)
     else:
@@ -138,8 +140,8 @@ def build_trainer(recipe: Recipe | dict[str, Any], policy: tuple | None = None):
             model=model, reward_funcs=get_reward_funcs(recipe.rewards), args=args,
             train_dataset=grpo_dataset(dataset), processing_class=processor, peft_config=lora_config(recipe.lora),
             seg_weight=loss.seg_weight, bce_weight=loss.bce_weight, dice_weight=loss.dice_weight,
-            reference_init=None if policy is not None or str(init).startswith("preset:") else init,
-            flow=recipe.flow, lr_multipliers=lr_multipliers,
+            reference_init=None if policy is not None or preset_name(str(init)) is not None else init,
+            lr_multipliers=lr_multipliers,
         )
     else:
         from lens.training.supervised import SupervisedLensTrainer
