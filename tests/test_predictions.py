@@ -119,7 +119,8 @@ def test_round_trip_both_protocols(data_root, segmenter, tmp_path):
             b = [json.loads(x) for x in (tmp_path / f"scored_{protocol}" / f"{stem}.predictions.jsonl").read_text().splitlines()]
             keys = ("id", "I", "U", "pred_area", "box_iou", "mask", "box", "box_llm", "text")
             assert [{k: x[k] for k in keys} for x in a] == [{k: x[k] for k in keys} for x in b]
-        summary = json.loads((tmp_path / f"scored_{protocol}" / f"results{'' if protocol == 'lens' else '.standard'}.json").read_text())
+        suffix = "" if protocol == "lens" else ".standard"
+        summary = json.loads((tmp_path / f"scored_{protocol}" / f"results{suffix}.json").read_text())
         assert set(summary["splits"]) == set(first) and summary["ignored_lines"] == {}
     # the standard protocol from the lens run's predictions, no model: RefCOCO and custom data give the model
     # run's standard figures (their predictions do not depend on the protocol)

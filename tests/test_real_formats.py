@@ -41,10 +41,10 @@ def _image(path: Path, w: int, h: int) -> Path:
 # "flag" rectangle that must be skipped, and a thin sliver (fill area ~0) that the 1-px outline draws.
 REASONSEG_CP1252 = (
     '{\r\n  "version": "4.5.6",\r\n  "flags": {},\r\n  "shapes": [\r\n'
-    '    {"label": "target", "points": [[1, 1], [6, 1], [6, 5], [1, 5]], "group_id": null, "shape_type": "polygon", "flags": {}},\r\n'
-    '    {"label": "ignore_region", "points": [[5.7, 2.2], [8.9, 2.2], [8.9, 4.8], [5.7, 4.8]], "group_id": null, "shape_type": "polygon", "flags": {}},\r\n'
-    '    {"label": "flag", "points": [[0, 0], [11, 0], [11, 9], [0, 9]], "group_id": null, "shape_type": "polygon", "flags": {}},\r\n'
-    '    {"label": "target", "points": [[2.9, 7.0], [9.99, 7.0], [9.5, 7.6]], "group_id": null, "shape_type": "polygon", "flags": {}}\r\n'
+    '    {"label": "target", "points": [[1, 1], [6, 1], [6, 5], [1, 5]], "group_id": null, "shape_type": "polygon", "flags": {}},\r\n'  # noqa: E501 (one labelme shape per line, as the file is written)
+    '    {"label": "ignore_region", "points": [[5.7, 2.2], [8.9, 2.2], [8.9, 4.8], [5.7, 4.8]], "group_id": null, "shape_type": "polygon", "flags": {}},\r\n'  # noqa: E501 (one labelme shape per line, as the file is written)
+    '    {"label": "flag", "points": [[0, 0], [11, 0], [11, 9], [0, 9]], "group_id": null, "shape_type": "polygon", "flags": {}},\r\n'  # noqa: E501 (one labelme shape per line, as the file is written)
+    '    {"label": "target", "points": [[2.9, 7.0], [9.99, 7.0], [9.5, 7.6]], "group_id": null, "shape_type": "polygon", "flags": {}}\r\n'  # noqa: E501 (one labelme shape per line, as the file is written)
     '  ],\r\n'
     '  "imagePath": "dog.jpg",\r\n  "imageData": null,\r\n  "imageHeight": 10,\r\n  "imageWidth": 12,\r\n'
     '  "text": ["What holds the dog\u2019s water?", "the dog\u2019s bowl"],\r\n  "is_sentence": true\r\n}\r\n'
@@ -139,7 +139,8 @@ def test_reasonseg_broken_files_name_file_and_field(reasonseg_root):
     with pytest.raises(ValueError, match=r"dog\.json: shapes\[0\] \('target'\) field 'points': point 0 must be an \[x, y\] pair"):
         load_reasonseg(reasonseg_root, "val")
     dog.write_bytes(REASONSEG_CP1252.replace(b'"points": [[2.9, 7.0], [9.99, 7.0], [9.5, 7.6]]', b'"points": []'))
-    with pytest.raises(ValueError, match=r"dog\.json: shapes\[3\] \('target'\) field 'points': 'points' must be a non-empty list"):
+    with pytest.raises(ValueError,
+                       match=r"dog\.json: shapes\[3\] \('target'\) field 'points': 'points' must be a non-empty list"):
         load_reasonseg(reasonseg_root, "val")
     dog.write_bytes(REASONSEG_CP1252.replace(b'"text": [', b'"text": [], "x": ['))
     with pytest.raises(ValueError, match=r"dog\.json: field 'text' must be a non-empty"):
@@ -302,7 +303,8 @@ def test_refer_broken_variants_name_file_and_field(refer_root):
         d["annotations"][2]["segmentation"][0]["counts"] = "b'1234'"  # str(bytes) written by mistake
 
     _rewrite_instances(refer_root, bad_string)
-    with pytest.raises(ValueError, match=r"instances\.json annotation id 72 \(ref_id=2\).*RLE 'counts' string holds \"'\" at position 1"):
+    with pytest.raises(ValueError,
+                       match=r"instances\.json annotation id 72 \(ref_id=2\).*RLE 'counts' string holds \"'\" at position 1"):
         load_refer(refer_root, "refcoco", "val")
 
     def short_runs(d):
@@ -377,7 +379,8 @@ def test_groundingsuite_broken_lines_name_file_line_field(gs_root):
     good = path.read_bytes()
     lines = good.split(b"\r\n")
     path.write_bytes(b"\r\n".join([lines[0], lines[1].replace(b'"1234"', b'"12 4"')]))
-    with pytest.raises(ValueError, match=r"GroundingSuite-Eval\.jsonl:2 field 'segmentation' \(id=12\): RLE 'counts' string holds ' '"):
+    with pytest.raises(ValueError,
+                       match=r"GroundingSuite-Eval\.jsonl:2 field 'segmentation' \(id=12\): RLE 'counts' string holds ' '"):
         load_groundingsuite(path)
     path.write_bytes(b"\r\n".join([lines[0], lines[1].replace(b'"1234"', b'"1235"')]))
     (_, b) = load_groundingsuite(path)
@@ -524,7 +527,8 @@ def test_grefcoco_broken_refs_name_file_ref_and_field(gref_root):
          r"grefs\(unc\)\.json: ref #1 \(ref_id=101\): field 'no_target' is True but field 'ann_id' is \[51\]"),
         ('"ann_id": [-1], "category_id": [-1], "no_target": true', '"ann_id": [-1, 51], "category_id": [-1], "no_target": true',
          r"ref #1 \(ref_id=101\): field 'ann_id' \[-1, 51\]: use \[-1\] alone"),
-        ('"ann_id": [51, 52]', '"ann_id": [51, 99]', r"instances\.json: annotation id 99 \(ref_id=100 in grefs\(unc\)\.json\) not found"),
+        ('"ann_id": [51, 52]', '"ann_id": [51, 99]',
+         r"instances\.json: annotation id 99 \(ref_id=100 in grefs\(unc\)\.json\) not found"),
         ('"ann_id": [51, 52]', '"ann_id": ["51"]', r"ref #0 \(ref_id=100\): field 'ann_id' must be an integer id or a list"),
         ('"no_target": false', '"no_target": "no"', r"ref #0 \(ref_id=100\): field 'no_target' must be true or false"),
     ]

@@ -270,7 +270,7 @@ def test_mrope_sampler_and_trainer_logprobs_agree(fake_vllm, synthetic_root, tin
     mask = inputs["completion_mask"].bool()
     assert mask.sum() > 0 and "target_masks" in inputs and "sam_image_index" in inputs
     sampled = torch.zeros_like(inputs["old_per_token_logps"])
-    for i, (_, tokens, logps) in enumerate(llm.sampled):
+    for i, (_, _tokens, logps) in enumerate(llm.sampled):
         sampled[i, : len(logps)] = torch.tensor(logps)
     torch.testing.assert_close(inputs["old_per_token_logps"][mask], sampled[mask], atol=1e-4, rtol=1e-4)
     # the ratio TRL applies: 1 up to the image token's share, which the sampler's processed log-probs leave out

@@ -32,8 +32,9 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
@@ -117,7 +118,8 @@ def sample_trainable(model: torch.nn.Module, per_param: int = 4096) -> dict[str,
 def weight_check(model: torch.nn.Module, before: dict[str, torch.Tensor]) -> dict[str, Any]:
     """How many sampled trainable parameters changed, and whether every trainable parameter is finite."""
     params = dict(model.named_parameters())
-    changed = sum(1 for n, b in before.items() if n in params and not torch.equal(params[n].detach().flatten()[: b.numel()].float(), b))
+    changed = sum(1 for n, b in before.items()
+                  if n in params and not torch.equal(params[n].detach().flatten()[: b.numel()].float(), b))
     all_finite = all(finite(p) for p in model.parameters() if p.requires_grad)
     return {"trainable_tensors": len(before), "changed_tensors": changed, "weights_finite": all_finite}
 
@@ -245,7 +247,8 @@ def phase_stage1(state: dict) -> dict:
     check = weight_check(trainer.model, before)
     fig = {"losses": losses, "train_loss": float(result.training_loss), **check,
            "trainable_m": round(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) / 1e6, 2)}
-    fig["finite"] = bool(losses) and finite(*losses, result.training_loss) and check["weights_finite"] and check["changed_tensors"] > 0
+    fig["finite"] = (bool(losses) and finite(*losses, result.training_loss) and check["weights_finite"]
+                     and check["changed_tensors"] > 0)
     del trainer, result  # drop the optimizer state before the next phase
     # stage 2 starts from stage 1's final checkpoint, which is saved in the model dtype (recipe.save_final): cast
     # the fp32 master weights of the context module back, so that phase 5 holds no extra fp32 copy of it

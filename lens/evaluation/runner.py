@@ -35,13 +35,33 @@ import numpy as np
 from lens.data.registry import EVAL_BENCHMARKS, load_benchmark
 from lens.evaluation.analysis import box_mask_analysis, gres_metrics
 from lens.evaluation.config import (  # noqa: F401  (re-exported: tools and tests import them from here)
-    COT_TEMPLATE, DEFAULT_MAX_NEW_TOKENS, PLAIN_TEMPLATE, REASONSEG_LONGEST_SIDE, EvalConfig, Expression, SplitSpec,
-    allows_no_target, build_expressions, is_preset, log, make_batches, model_name, order_by_image, parse_benchmarks,
-    shard_batches, valid_benchmark_names,
+    COT_TEMPLATE,
+    DEFAULT_MAX_NEW_TOKENS,
+    PLAIN_TEMPLATE,
+    REASONSEG_LONGEST_SIDE,
+    EvalConfig,
+    Expression,
+    SplitSpec,
+    allows_no_target,
+    build_expressions,
+    is_preset,
+    log,
+    make_batches,
+    model_name,
+    order_by_image,
+    parse_benchmarks,
+    shard_batches,
+    valid_benchmark_names,
 )
 from lens.evaluation.distributed import DTYPES, DistContext, resolve_device, resolve_dtype  # noqa: F401
 from lens.evaluation.files import (
-    PartialWriter, check_signature, partial_files, partial_path, read_partial, split_files, write_atomic,
+    PartialWriter,
+    check_signature,
+    partial_files,
+    partial_path,
+    read_partial,
+    split_files,
+    write_atomic,
     write_json_atomic,
 )
 from lens.evaluation.metrics import SegmentationMetrics, score_mask_logits

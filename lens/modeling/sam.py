@@ -125,7 +125,7 @@ def encode_images(sam: nn.Module, images: torch.Tensor) -> SamFeatures:
     if images.ndim != 4 or images.shape[1] != 3 or images.shape[-2:] != (sam.image_size, sam.image_size):
         raise ValueError(f"sam_images must be (N, 3, {sam.image_size}, {sam.image_size}); got {tuple(images.shape)}")
     dtype = sam.no_mem_embed.dtype
-    fpn = sam.image_encoder(normalize_sam_images(images, dtype))["backbone_fpn"]  # 3 levels, fine to coarse  # 3 levels, fine to coarse
+    fpn = sam.image_encoder(normalize_sam_images(images, dtype))["backbone_fpn"]  # 3 levels, fine to coarse
     embed = fpn[-1] + sam.no_mem_embed.view(1, -1, 1, 1)  # directly_add_no_mem_embed, as for a single image
     # sam2's FPN adds its top-down path in float32: hand the decoder features in the model's dtype
     return SamFeatures(image_embed=embed.to(dtype), fpn_s0=fpn[0].to(dtype), fpn_s1=fpn[1].to(dtype))
