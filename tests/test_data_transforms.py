@@ -27,7 +27,7 @@ from lens.data.transforms import (
 
 
 def test_llm_image_size_matches_upstream_example():
-    assert llm_image_size(480, 640) == (476, 644)  # reference §4: 640x480 -> 644x476
+    assert llm_image_size(480, 640) == (476, 644)  # the original: 640x480 -> 644x476 (multiples of 28)
     assert llm_image_size(224, 224) == (224, 224)
 
 

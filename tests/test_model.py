@@ -159,7 +159,7 @@ def test_3b_preset_matches_reference_parameter_counts():
     count = lambda m: sum(p.numel() for p in (m.parameters() if isinstance(m, torch.nn.Module) else [m]))  # noqa: E731
     ctx = {k: count(v) for k, v in model.context_modules.items()}
     assert ctx == {"learnable_query": 131_072, "conv_1d": 268_437_504, "proj_to_sam": 4_720_896, "connector": 201_564_160}
-    assert sum(ctx.values()) == 474_853_632  # reference §1: context module total
+    assert sum(ctx.values()) == 474_853_632  # the released checkpoint's context module total
     assert count(model.sam) == 217_122_770
     assert count(model.sam.image_encoder) == 212_703_280
     assert not hasattr(model.sam, "memory_attention") and not hasattr(model.sam, "memory_encoder")

@@ -102,7 +102,7 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
 
     # ------------------------------------------------------------------ init
     def _init_weights(self, module: nn.Module) -> None:
-        """Explicit init of the context module (upstream's was silently skipped, reference §1.1).
+        """Explicit init of the context module (upstream's was silently skipped; docs/design.md).
 
         Linear/Conv1d weights of the context module are N(0, std) with std = 0.02 * sqrt(2048 / H): exactly the
         intended 0.02 at Qwen2.5-VL-3B's width, and the same signal gain at other widths, so that the SAM

@@ -1,4 +1,4 @@
-"""Which parameter groups train in each stage (reference §3.2, §3.3)."""
+"""Which parameter groups train in each stage (the original's stage 1 and stage 2 settings)."""
 
 from __future__ import annotations
 
