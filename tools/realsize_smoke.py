@@ -233,23 +233,36 @@ def logged_losses(trainer) -> list[float]:
     return [float(h["loss"]) for h in trainer.state.log_history if "loss" in h]
 
 
-def phase_stage1(state: dict) -> dict:
-    from lens.training.recipe import build_trainer, load_recipe
+def train_one_step(recipe: dict, model, processor, extra: tuple[str, ...] = ()) -> tuple[object, dict]:
+    """Train `recipe` on the given model (max_steps in the recipe) -> (trainer, figures): losses, the last log's
+    `extra` fields, the weight check, and `finite` only when all of them are finite and some weight changed."""
+    from lens.training.recipe import build_trainer
 
-    model, processor = state["model"], state["processor"]
-    overrides = common_overrides(state, str(Path(state["workdir"]) / "stage1")) + ["cache_sam_features=false"]
-    recipe = load_recipe(RECIPES / "stage1.yaml", overrides)
-    model.config.query_position_mode = recipe["model"].get("query_position_mode", model.config.query_position_mode)
+    # the recipe's positions, as load_policy would build them (lora.yaml: mrope, so the adapter-off reference
+    # matches generation); a public config field read at every forward
+    model.config.query_position_mode = recipe["model"].get("query_position_mode") or model.config.query_position_mode
     trainer = build_trainer(recipe, policy=(model, processor))
     before = sample_trainable(trainer.model)
     result = trainer.train()
     losses = logged_losses(trainer)
     check = weight_check(trainer.model, before)
-    fig = {"losses": losses, "train_loss": float(result.training_loss), **check,
+    logs = [h for h in trainer.state.log_history if "loss" in h]
+    last = {k: float(logs[-1][k]) for k in extra if logs and k in logs[-1]}
+    fig = {"losses": losses, "train_loss": float(result.training_loss), **check, **last,
            "trainable_m": round(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) / 1e6, 2)}
-    fig["finite"] = (bool(losses) and finite(*losses, result.training_loss) and check["weights_finite"]
-                     and check["changed_tensors"] > 0)
-    del trainer, result  # drop the optimizer state before the next phase
+    fig["finite"] = (bool(losses) and finite(*losses, result.training_loss, *last.values())
+                     and check["weights_finite"] and check["changed_tensors"] > 0)
+    return trainer, fig
+
+
+def phase_stage1(state: dict) -> dict:
+    from lens.training.recipe import load_recipe
+
+    model, processor = state["model"], state["processor"]
+    overrides = common_overrides(state, str(Path(state["workdir"]) / "stage1")) + ["cache_sam_features=false"]
+    recipe = load_recipe(RECIPES / "stage1.yaml", overrides)
+    trainer, fig = train_one_step(recipe, model, processor)
+    del trainer  # drop the optimizer state before the next phase
     # stage 2 starts from stage 1's final checkpoint, which is saved in the model dtype (recipe.save_final): cast
     # the fp32 master weights of the context module back, so that phase 5 holds no extra fp32 copy of it
     dtype = getattr(torch, state["args"].dtype)
@@ -262,7 +275,7 @@ def phase_stage1(state: dict) -> dict:
 
 
 def phase_lora_grpo(state: dict) -> dict:
-    from lens.training.recipe import build_trainer, load_recipe
+    from lens.training.recipe import load_recipe
 
     model, processor, sizes = state["model"], state["processor"], state["sizes"]
     g = sizes["generations"]
@@ -271,23 +284,10 @@ def phase_lora_grpo(state: dict) -> dict:
         f"grpo.max_completion_length={sizes['completion']}", "grpo.log_completions=false",
     ]
     recipe = load_recipe(RECIPES / "lora.yaml", overrides)
-    # the recipe's positions, as load_policy would build them (lora.yaml: mrope, so the adapter-off reference
-    # matches generation); a public config field read at every forward
-    model.config.query_position_mode = recipe["model"].get("query_position_mode", model.config.query_position_mode)
-    trainer = build_trainer(recipe, policy=(model, processor))
-    before = sample_trainable(trainer.model)
-    result = trainer.train()
-    losses = logged_losses(trainer)
-    check = weight_check(trainer.model, before)
-    logs = [h for h in trainer.state.log_history if "loss" in h]
-    extra = {k: float(logs[-1][k]) for k in ("reward", "kl", "entropy", "grad_norm") if logs and k in logs[-1]}
-    fig = {"losses": losses, "train_loss": float(result.training_loss), **check, **extra,
-           "peft": hasattr(trainer.model, "peft_config"), "reference": "adapter-disabled policy (no copy)",
-           "trainable_m": round(sum(p.numel() for p in trainer.model.parameters() if p.requires_grad) / 1e6, 2)}
-    fig["finite"] = (bool(losses) and finite(*losses, result.training_loss, *extra.values())
-                     and check["weights_finite"] and check["changed_tensors"] > 0)
+    trainer, fig = train_one_step(recipe, model, processor, extra=("reward", "kl", "entropy", "grad_norm"))
+    fig.update(peft=hasattr(trainer.model, "peft_config"), reference="adapter-disabled policy (no copy)")
     state["peft_model"] = trainer.model
-    del trainer, result
+    del trainer
     release_memory()
     return fig
 
