@@ -206,6 +206,11 @@ def test_evaluation_config_typos_name_the_file_and_the_closest_option(tmp_path):
     assert str(info.value) == f"{path}: unknown evaluation option 'batchsize'; did you mean 'batch_size'?"
     with pytest.raises(ValueError, match=r"'modle'; did you mean 'model'\?"):
         EvalConfig.from_dict({"modle": "tiny"})
+    # the CLI prints that line, naming the YAML file, and exits 2
+    proc = subprocess.run([sys.executable, "-m", "lens.evaluation", "--config", str(path)], capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip() == f"error: {path}: unknown evaluation option 'batchsize'; did you mean 'batch_size'?"
 
 
 # ---------------------------------------------------------------------- shared pieces

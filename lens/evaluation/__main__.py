@@ -81,7 +81,7 @@ def resolve_config(argv: list[str] | None = None) -> EvalConfig | None:
     config = args.pop("config", None)
     values = load_yaml(config) if config is not None else {}
     values.update(args)
-    return EvalConfig.from_dict(values)
+    return EvalConfig.from_dict(values, source=config)  # a typo in the YAML names the file
 
 
 def main(argv: list[str] | None = None) -> int:
