@@ -28,13 +28,13 @@ from typing import Any
 
 from lens.data.base import Reference, UnionMask, require
 from lens.data.files import read_json
-from lens.data.masks import segmentation_size, validate_segmentation
 from lens.data.refer import (
     IMAGE_DIR,
     _check_images_exist,
     _check_ref,
     _is_id,
     _resolve_image,
+    checked_annotation,
     load_instances,
     safe_load_pickle,
 )
@@ -142,19 +142,11 @@ def _make_reference(
         if ann.get("iscrowd"):
             crowd += 1
             continue
-        seg, bbox = ann.get("segmentation"), ann.get("bbox")
-        validate_segmentation(seg, f"{what} field 'segmentation'")
-        if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4
-                and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
-            raise ValueError(f"{what}: field 'bbox' must be [x, y, w, h], got {bbox!r}")
-        rle_hw = segmentation_size(seg)
-        if rle_hw is not None and h and w and rle_hw != (h, w):
-            raise ValueError(f"{what}: RLE size {list(rle_hw)} differs from image size {[h, w]}")
+        seg, box, rle_hw = checked_annotation(ann, what, f"{what} field 'segmentation'", h, w)
         if not (h and w) and rle_hw is not None:
             h, w = rle_hw
         segs.append(seg)
-        x, y, bw, bh = (float(v) for v in bbox)
-        boxes.append((x, y, x + bw, y + bh))
+        boxes.append(box)
         kept.append(ann_id)
     if crowd and not kept:
         raise ValueError(f"{where}: every target annotation is a crowd annotation; a target ref needs one that is not")

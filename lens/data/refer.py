@@ -191,6 +191,21 @@ def _is_id(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
 
+def checked_annotation(ann: dict, what: str, seg_what: str, h: int | None, w: int | None):
+    """A COCO annotation's segmentation (validated; errors say `seg_what`), its box as xyxy floats, and its RLE's
+    (h, w) if it has one, which must equal the image's `h, w` when those are known. Errors say `what`."""
+    seg, bbox = ann.get("segmentation"), ann.get("bbox")
+    validate_segmentation(seg, seg_what)
+    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4
+            and all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in bbox)):
+        raise ValueError(f"{what}: field 'bbox' must be [x, y, w, h], got {bbox!r}")
+    rle_hw = segmentation_size(seg)
+    if rle_hw is not None and h and w and rle_hw != (h, w):
+        raise ValueError(f"{what}: RLE size {list(rle_hw)} differs from image size {[h, w]}")
+    x, y, bw, bh = (float(v) for v in bbox)
+    return seg, (x, y, x + bw, y + bh), rle_hw
+
+
 def _make_reference(
     ref: dict,
     dataset: str,
@@ -206,26 +221,19 @@ def _make_reference(
     if ann is None:
         raise ValueError(f"{inst_path}: annotation id {ref['ann_id']} (ref_id={ref['ref_id']}) not found")
     what = f"{inst_path.name} annotation id {ann.get('id')} (ref_id={ref['ref_id']})"
-    seg, bbox = ann.get("segmentation"), ann.get("bbox")
-    validate_segmentation(seg, what)
-    if not (isinstance(bbox, (list, tuple)) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
-        raise ValueError(f"{what}: 'bbox' must be [x, y, w, h], got {bbox!r}")
     image = images.get(ref["image_id"], {})
     h, w = image.get("height"), image.get("width")
-    rle_hw = segmentation_size(seg)
-    if rle_hw is not None and h and w and rle_hw != (h, w):
-        raise ValueError(f"{what}: RLE size {list(rle_hw)} differs from image size {[h, w]}")
+    seg, box, rle_hw = checked_annotation(ann, what, what, h, w)
     mh, mw = (h, w) if h and w else (rle_hw or (None, None))
     image_id = int(ref["image_id"])
     if image_id not in resolved:
         resolved[image_id] = _resolve_image(image_dir, image_id, ref.get("file_name"), image.get("file_name"))
-    x, y, bw, bh = (float(v) for v in bbox)
     cat_id = ann.get("category_id", ref.get("category_id"))
     return Reference(
         ref_id=f"{dataset}/{ref['ref_id']}",
         image_path=resolved[image_id],
         expressions=[str(s["sent"]) for s in ref["sentences"]],
-        box=(x, y, x + bw, y + bh),
+        box=box,
         source=dataset,
         meta={
             "dataset": dataset,
