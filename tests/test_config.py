@@ -253,7 +253,7 @@ def test_the_training_cli_prints_one_line_and_exits_2():
 
 def test_the_launcher_stops_on_a_typo_before_preparing_anything():
     proc = run_command("bash", "train_stage1.sh", "configs/recipes/tiny/stage1.yaml", "loss.seg_wieght=5")
-    assert proc.returncode != 0 and proc.stdout == ""
+    assert proc.returncode == 2 and proc.stdout == ""
     assert proc.stderr.splitlines() == [
         "error: configs/recipes/tiny/stage1.yaml: override 'loss.seg_wieght=5': unknown key 'loss.seg_wieght'; "
         "did you mean 'loss.seg_weight'?"]
