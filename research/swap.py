@@ -4,7 +4,7 @@ Each expression is replaced by one naming ANOTHER object of the same image and t
 against the ORIGINAL target. A model that reads the prompt scores near 0; one that ignores it scores
 like the unswapped run.
 
-Scoring is evaluation's own: each batch goes through :func:`lens.evaluation.runner.score_batch` (which
+Scoring is evaluation's own: each batch goes through :func:`lens.evaluation.batches.score_batch` (which
 upsamples and counts pixels with :func:`lens.evaluation.metrics.score_mask_logits`) and the records are
 aggregated by :class:`lens.evaluation.metrics.SegmentationMetrics`, exactly as `eval.sh` does.
 """
@@ -16,9 +16,9 @@ from collections.abc import Mapping, Sequence
 from tqdm import tqdm
 
 from lens.data.base import Reference
+from lens.evaluation.batches import score_batch
 from lens.evaluation.config import Expression
 from lens.evaluation.metrics import SegmentationMetrics
-from lens.evaluation.runner import score_batch
 
 
 def score_prompt_sets(

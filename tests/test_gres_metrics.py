@@ -10,10 +10,10 @@ import torch
 
 from lens.data.base import Reference
 from lens.evaluation.analysis import gres_metrics, is_empty_prediction
+from lens.evaluation.batches import score_batch
 from lens.evaluation.config import Expression
 from lens.evaluation.metrics import SegmentationMetrics
 from lens.evaluation.report import results_markdown
-from lens.evaluation.runner import score_batch
 from lens.inference import BatchOutput
 from lens.prompts import NO_TARGET_ANSWER, is_no_target_answer, no_target_answer
 

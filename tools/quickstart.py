@@ -3,7 +3,7 @@
 each stage (with the swap check) -> demo overlay. Writes outputs/quickstart/results.json and a table.
 
 Run through `bash scripts/quickstart.sh` (which prepares .venv). Finished stages are reused; `--fresh` redoes all.
-Masks are scored by evaluation's own path (`lens.evaluation.runner.score_batch`, as `eval.sh`); the swap check and
+Masks are scored by evaluation's own path (`lens.evaluation.batches.score_batch`, as `eval.sh`); the swap check and
 the stage-2 reward on fixed prompts come from the research probes (`research/`, see research/README.md).
 """
 
