@@ -1,10 +1,21 @@
-"""SAM2 from the `sam2` package: building it without memory modules, shared image features and
-batched mask decoding driven by one external sparse prompt token per row."""
+"""SAM2 / SAM2.1 from the `sam2` package: building it without memory modules, loading Meta's checkpoint files,
+shared image features and batched mask decoding driven by one external sparse prompt token per row.
+
+What SAM2.1 changes for LENS's image-only path: nothing but the weights. The packaged `sam2.1_hiera_*` configs
+differ from `sam2_hiera_*` only in video-memory settings: `no_obj_embed_spatial` (a (1, 64) parameter added to
+the memory of frames without an object, read by `_encode_new_memory`), `obj_ptr_tpos_proj` (Linear(256, 64) over
+the temporal encoding of object pointers, read by `_prepare_memory_conditioned_features`; an Identity in SAM2.0)
+and the flags `add_tpos_enc_to_obj_ptrs` / `proj_tpos_enc_in_obj_ptrs` / `use_signed_tpos_enc_to_obj_ptrs` of
+that same memory path. Image encoder, prompt encoder and mask decoder have the same configuration, so the kept
+modules (and their parameter counts) are those of the SAM2.0 model of the same size. LENS deletes the two
+SAM2.1 memory-only parts with the memory modules: no trainable parameter is left that no loss reaches.
+"""
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 
 import torch
@@ -33,8 +44,12 @@ SAM2_CHECKPOINT_FILES: dict[str, str] = {
     "sam2.1_hiera_b+": "sam2.1_hiera_base_plus.pt",
     "sam2.1_hiera_l": "sam2.1_hiera_large.pt",
 }
-# Video-only modules that LENS deletes (upstream keeps the image path only).
+# Video-only modules that LENS deletes (upstream keeps the image path only) ...
 MEMORY_MODULES = ("memory_attention", "memory_encoder", "maskmem_tpos_enc")
+# ... and SAM2.1's additions to that video-memory path (see the module docstring); SAM2.0 has them as
+# None / Identity. A Meta SAM2.1 file holds their weights, a SAM2.0 file does not: that tells the two apart.
+SAM21_MEMORY_ONLY = ("no_obj_embed_spatial", "obj_ptr_tpos_proj")
+DELETED = MEMORY_MODULES + SAM21_MEMORY_ONLY
 # As upstream's build_sam2 post-processing: fall back to the best multimask output when token 0 is unstable.
 DYNAMIC_MULTIMASK = [
     "++model.sam_mask_decoder_extra_args.dynamic_multimask_via_stability=true",
@@ -50,8 +65,11 @@ def build_sam(
     image_size: int = 1024,
     overrides: list[str] | None = None,
     dynamic_multimask: bool = True,
+    image_only: bool = True,
 ) -> nn.Module:
-    """Instantiate SAM2Base (random weights) from the `sam2` package and drop its memory modules."""
+    """Instantiate SAM2Base (random weights) from the `sam2` package and drop its video-memory parts (`DELETED`).
+
+    `image_only=False` keeps the whole video model, as Meta's checkpoint files hold it (e.g. to write one)."""
     if variant not in SAM2_CONFIGS:
         raise ValueError(f"sam_variant={variant!r} is not known; expected one of {sorted(SAM2_CONFIGS)}")
     import sam2  # noqa: F401  (registers the packaged Hydra configs)
@@ -65,28 +83,84 @@ def build_sam(
     )
     OmegaConf.resolve(cfg)
     sam = instantiate(cfg.model, _recursive_=True)
-    for name in MEMORY_MODULES:
-        delattr(sam, name)
+    if image_only:
+        for name in DELETED:
+            delattr(sam, name)  # SAM2.0's no_obj_embed_spatial (None) and obj_ptr_tpos_proj (Identity) too
+    # what `load_sam_checkpoint` needs to tell which variant a mismatching file is (plain attributes, not weights)
+    sam.lens_build = (image_size, tuple(overrides or ()))
     return sam
 
 
+def is_sam21(variant: str) -> bool:
+    return variant.startswith("sam2.1_")
+
+
+def hub_location(variant: str) -> str:
+    """'sam2.1_hiera_large.pt from the hub repository facebook/sam2.1-hiera-large' (Meta's release of a variant)."""
+    file = SAM2_CHECKPOINT_FILES[variant]
+    return f"{file} from the hub repository facebook/{file.removesuffix('.pt').replace('_', '-')}"
+
+
+def _deleted(key: str) -> bool:
+    return key.split(".", 1)[0] in DELETED
+
+
+def file_family(state: dict[str, torch.Tensor]) -> str | None:
+    """'SAM2.1' / 'SAM2.0' for a file with the video-memory weights (as Meta ships them), None without them."""
+    if any(k.split(".", 1)[0] in SAM21_MEMORY_ONLY for k in state):
+        return "SAM2.1"
+    return "SAM2.0" if any(k.startswith("memory_attention.") for k in state) else None
+
+
+@cache
+def _kept_shapes(variant: str, image_size: int, overrides: tuple[str, ...]) -> dict[str, tuple[int, ...]]:
+    from transformers.initialization import meta_device_safe_creation_ops
+
+    with torch.device("meta"), meta_device_safe_creation_ops():  # shapes only: no memory, a fraction of a second
+        sam = build_sam(variant, image_size, list(overrides), dynamic_multimask=False)
+    return {k: tuple(v.shape) for k, v in sam.state_dict().items()}
+
+
+def matching_variants(state: dict[str, torch.Tensor], image_size: int = 1024, overrides: tuple[str, ...] = ()) -> list[str]:
+    """The variants (built with `image_size` / `overrides`) whose kept weights have exactly the names and shapes of
+    `state`'s, restricted to the file's family when the file says it (`file_family`). Several can match under
+    overrides that shrink every variant to one size."""
+    family = file_family(state)
+    shapes = {k: tuple(v.shape) for k, v in state.items() if not _deleted(k)}
+    return [v for v in SAM2_CONFIGS if (family is None or is_sam21(v) == (family == "SAM2.1"))
+            and _kept_shapes(v, image_size, tuple(overrides)) == shapes]
+
+
 def load_sam_checkpoint(sam: nn.Module, path: str | Path, variant: str) -> None:
-    """Load Meta's SAM2 checkpoint file (`{'model': state_dict}`) into a memory-less SAM2."""
+    """Load Meta's SAM2 / SAM2.1 checkpoint file (`{'model': state_dict}` with every video-memory weight) into a
+    SAM built by `build_sam(variant, ...)`; a file of another variant (or family: SAM2.0 for sam2.1_*, or the
+    reverse, even at the same size) raises, saying which variant the file looks like."""
     path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(
-            f"SAM2 checkpoint {path} not found. Download {SAM2_CHECKPOINT_FILES.get(variant, 'the .pt file')} "
-            f"from the hub repository facebook/{variant.replace('_', '-')} and pass its path."
-        )
+        raise FileNotFoundError(f"SAM2 checkpoint {path} not found. Download {hub_location(variant)} and pass its path.")
     state = torch.load(path, map_location="cpu", weights_only=True)
     state = state.get("model", state) if isinstance(state, dict) else state
-    state = {k: v for k, v in state.items() if not k.startswith(MEMORY_MODULES)}
-    missing, unexpected = sam.load_state_dict(state, strict=False)
-    if missing or unexpected:
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"SAM2 checkpoint {path}: expected {{'model': state_dict}} (Meta's format), got {type(state)}")
+    family, want = file_family(state), "SAM2.1" if is_sam21(variant) else "SAM2.0"
+    kept = {k: v for k, v in state.items() if not _deleted(k)}
+    own = sam.state_dict()
+    missing, unexpected = sorted(own.keys() - kept.keys()), sorted(kept.keys() - own.keys())
+    reshaped = sorted(k for k in own.keys() & kept.keys() if own[k].shape != kept[k].shape)
+    if family not in (None, want) or missing or unexpected or reshaped:
+        image_size, overrides = getattr(sam, "lens_build", (sam.image_size, ()))
+        looks = matching_variants(state, image_size, overrides)
+        looks_text = (" or ".join(looks) + (" (the same shapes under this model's sam_overrides)" if len(looks) > 1 else "")
+                      if looks else f"none of the known variants ({family or 'family unknown'})")
         raise ValueError(
-            f"SAM2 checkpoint {path} does not match sam_variant={variant!r}: "
-            f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]})"
+            f"SAM2 checkpoint {path} does not match sam_variant={variant!r} ({want}): the file looks like {looks_text}. "
+            + (f"It is a {family} file (it {'has' if family == 'SAM2.1' else 'lacks'} SAM2.1's {SAM21_MEMORY_ONLY} "
+               "weights). " if family not in (None, want) else "")
+            + (f"{len(missing)} missing keys (e.g. {missing[:3]}), {len(unexpected)} unexpected (e.g. {unexpected[:3]}), "
+               f"{len(reshaped)} of another shape (e.g. {reshaped[:3]}). " if missing or unexpected or reshaped else "")
+            + f"Set sam_variant (model.sam_variant in a recipe) to the file's variant, or pass {hub_location(variant)}."
         )
+    sam.load_state_dict(kept)
 
 
 @dataclass
