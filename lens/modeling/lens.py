@@ -1,4 +1,10 @@
-"""LensForConditionalGeneration: Qwen2.5-VL with appended context queries driving a SAM2 mask decoder."""
+"""LENS: a Qwen-VL policy with appended context queries driving a SAM2 mask decoder.
+
+`LensMixin` holds every LENS computation; a family class puts it over one transformers Qwen-VL class:
+`LensForConditionalGeneration` (Qwen2.5-VL, here), `LensQwen2VLForConditionalGeneration` and
+`LensQwen3VLForConditionalGeneration` (lens/modeling/backbones.py). `from_pretrained` on any of them returns the
+class of the checkpoint's family.
+"""
 
 from __future__ import annotations
 
@@ -9,14 +15,13 @@ import torch
 from torch import nn
 from transformers import Qwen2_5_VLForConditionalGeneration
 from transformers import initialization as init
-from transformers.models.qwen2_5_vl.modeling_qwen2_5_vl import Qwen2_5_VLModel, Qwen2_5_VLPreTrainedModel
 from transformers.utils import ModelOutput
-
-from lens.distinct import distinct_index
 
 from .config import LensConfig
 from .context import QueryConnector, build_proj_to_sam
+from .families import get_family
 from .heads import token_log_probs
+from .image_rows import distinct_images, rows_of
 from .sam import SamFeatures, build_sam, decode_masks, decode_masks_per_sample, encode_images
 from .zero3 import gathered
 
@@ -44,22 +49,21 @@ class LensOutput(ModelOutput):
     query_states: torch.Tensor | None = None
 
 
-class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
-    """Qwen2.5-VL policy + context module (`learnable_query`, `connector`, `conv_1d`, `proj_to_sam`) + `sam`.
+class LensMixin:
+    """Policy + context module (`learnable_query`, `connector`, `conv_1d`, `proj_to_sam`) + `sam`, over the
+    family's stock `...ForConditionalGeneration` (the next class in the MRO).
 
-    `forward` without SAM inputs is the stock Qwen2.5-VL forward (generation, reference model).
+    `forward` without SAM inputs is the stock forward (generation, reference model).
     With `sam_images` or `sam_features` it is the query forward: the queries are appended after the
     given tokens, one language-model pass yields token logits and query states, and the mask decoder
     runs once on the whole batch.
     """
 
-    config_class = LensConfig
-    config: LensConfig
-
-    def __init__(self, config: LensConfig) -> None:
-        # Same body as the parent's __init__, with our modules added before the single post_init().
-        Qwen2_5_VLPreTrainedModel.__init__(self, config)
-        self.model = Qwen2_5_VLModel(config)
+    def __init__(self, config) -> None:
+        # Same body as the stock __init__, with our modules added before the single post_init().
+        family = get_family(config.lens_family)
+        family.pretrained_model.__init__(self, config)
+        self.model = family.inner_model(config)
         hidden = config.text_config.hidden_size
         self.lm_head = nn.Linear(hidden, config.text_config.vocab_size, bias=False)
 
@@ -83,7 +87,8 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
     # ------------------------------------------------------------------ loading
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, sam_checkpoint=None, **kwargs):
-        """Load our checkpoints, the released LENS checkpoints as they are, or a base Qwen2.5-VL folder.
+        """Load our checkpoints, the released LENS checkpoints as they are, or a base Qwen-VL folder (Qwen2-VL,
+        Qwen2.5-VL or Qwen3-VL, told by its config.json); returns the LENS class of the checkpoint's family.
 
         sam_checkpoint: Meta's SAM2 `.pt` file to load into `sam` (required for a base Qwen folder; pass
         False there to keep a randomly initialised SAM2). LensConfig fields given as keyword arguments
@@ -94,9 +99,10 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         from .loading import finish_from_pretrained, prepare_from_pretrained
 
         path = Path(pretrained_model_name_or_path)
-        kind, kwargs = prepare_from_pretrained(path, kwargs)
+        kind, family, kwargs = prepare_from_pretrained(path, kwargs)
+        target = lens_model_class(family)
         want_info = kwargs.pop("output_loading_info", False)
-        model, info = super().from_pretrained(path, *args, output_loading_info=True, **kwargs)
+        model, info = super(LensMixin, target).from_pretrained(path, *args, output_loading_info=True, **kwargs)
         finish_from_pretrained(model, kind, set(info["missing_keys"]), sam_checkpoint)
         return (model, info) if want_info else model
 
@@ -136,7 +142,7 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
 
     @property
     def context_modules(self) -> dict[str, nn.Module | nn.Parameter]:
-        """The modules LENS adds to Qwen2.5-VL, by checkpoint name."""
+        """The modules LENS adds to the policy, by checkpoint name."""
         mods = {"learnable_query": self.learnable_query, "conv_1d": self.conv_1d, "proj_to_sam": self.proj_to_sam}
         if self.connector is not None:
             mods["connector"] = self.connector
@@ -152,8 +158,8 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         """(3, B, L + Q) position ids for tokens followed by Q always-attended queries.
 
         `upstream`: positions = cumsum(mask) - 1 (padding -> 1) on all three axes, so image tokens get
-        plain 1-D positions (as the released weights were trained). `mrope`: Qwen2.5-VL's M-RoPE grid
-        for the tokens; queries continue after each row's largest position.
+        plain 1-D positions (as the released weights were trained). `mrope`: the family's M-RoPE grid
+        for the tokens (its `get_rope_index`); queries continue after each row's largest position.
         """
         b = input_ids.shape[0]
         q = self.config.num_of_query
@@ -177,25 +183,29 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         pixel_values: torch.Tensor | None,
         image_grid_thw: torch.LongTensor | None,
         image_index: torch.LongTensor | None = None,
-    ) -> torch.Tensor:
-        """Token embeddings with vision features scattered into the image-pad slots.
+    ) -> tuple[torch.Tensor, dict]:
+        """Token embeddings (B, L, H) with vision features scattered into the image-pad slots, and the extra
+        language-model inputs the family's vision features bring (Qwen3-VL's deepstack: `visual_pos_masks` (B, L),
+        `deepstack_visual_embeds`; {} for Qwen2-VL and Qwen2.5-VL).
 
         Row b holds one image. With `image_index` (B,), rows that share an index share one image: the vision
         tower encodes each distinct image once (gradients add up as if each row had its own copy).
         """
         embeds = self.model.get_input_embeddings()(input_ids)
         if pixel_values is None:
-            return embeds
+            return embeds, {}
         if image_index is not None:
             pixel_values, image_grid_thw, image_index = distinct_images(pixel_values, image_grid_thw, image_index)
-        feats = self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True).pooler_output
-        if image_index is not None:
-            feats = [feats[i] for i in image_index.tolist()]
-        feats = torch.cat(feats, dim=0).to(embeds.device, embeds.dtype)
+        vision = self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
+        feats = rows_of(vision.pooler_output, image_index).to(embeds.device, embeds.dtype)
         slots = input_ids == self.config.image_token_id
         if int(slots.sum()) != feats.shape[0]:
             raise ValueError(f"{int(slots.sum())} image-pad tokens but {feats.shape[0]} image features")
-        return embeds.masked_scatter(slots.unsqueeze(-1), feats)
+        return embeds.masked_scatter(slots.unsqueeze(-1), feats), self.vision_extras(vision, slots, image_index)
+
+    def vision_extras(self, vision, slots: torch.Tensor, image_index: torch.LongTensor | None) -> dict:
+        """Extra language-model inputs from the vision output (none for this family; Qwen3-VL adds deepstack)."""
+        return {}
 
     def encode_sam_images(self, sam_images: torch.Tensor) -> SamFeatures:
         """SAM2 image features of (N, 3, S, S) images in 0..255; compute once per distinct image. Without
@@ -235,15 +245,18 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         pixel_values: torch.Tensor | None = None,
         image_grid_thw: torch.LongTensor | None = None,
         image_index: torch.LongTensor | None = None,
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.LongTensor]:
-        """Language-model inputs with the queries appended: embeds (B, L+Q, H), mask (B, L+Q), positions (3, B, L+Q).
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.LongTensor, dict]:
+        """Language-model inputs with the queries appended: embeds (B, L+Q, H), mask (B, L+Q), positions (3, B, L+Q),
+        and the family's extra inputs (Qwen3-VL: `visual_pos_masks` (B, L+Q), False on the queries).
         `image_index` (B,): rows with equal entries show the same image (encoded once by the vision tower)."""
         b, q = input_ids.shape[0], self.config.num_of_query
-        embeds = self.embed_multimodal(input_ids, pixel_values, image_grid_thw, image_index)
+        embeds, extras = self.embed_multimodal(input_ids, pixel_values, image_grid_thw, image_index)
         queries = self.learnable_query.to(embeds.dtype).expand(b, -1, -1)
         full_mask = torch.cat([attention_mask, attention_mask.new_ones(b, q)], dim=1)
         positions = self.query_position_ids(input_ids, attention_mask, image_grid_thw)
-        return torch.cat([embeds, queries], dim=1), full_mask, positions
+        if "visual_pos_masks" in extras:  # the queries are no image tokens
+            extras["visual_pos_masks"] = torch.cat([extras["visual_pos_masks"], full_mask.new_zeros(b, q, dtype=torch.bool)], 1)
+        return torch.cat([embeds, queries], dim=1), full_mask, positions, extras
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -275,7 +288,7 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         """The one entry point of every LENS computation, so that DDP and DeepSpeed see each parameter inside
         the wrapped model's call. Three modes:
 
-        - stock Qwen2.5-VL forward (generation, plain LM loss): no SAM inputs;
+        - the family's stock forward (generation, plain LM loss): no SAM inputs;
         - SAM2 encoding: `sam_images` (N, 3, S, S) without `input_ids` -> `SamFeatures` of the N images
           (computed without gradients when the image encoder is frozen);
         - the query forward: `input_ids` with `sam_images` or `sam_features` -> `LensOutput` (see
@@ -331,9 +344,11 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
             attention_mask = torch.ones_like(input_ids)
         q = self.config.num_of_query
         shared = sam_image_index if share_vision else None
-        embeds, full_mask, position_ids = self.query_inputs(input_ids, attention_mask, pixel_values, image_grid_thw, shared)
+        embeds, full_mask, position_ids, extras = self.query_inputs(
+            input_ids, attention_mask, pixel_values, image_grid_thw, shared
+        )
         hidden = self.model.language_model(
-            inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids, use_cache=False
+            inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids, use_cache=False, **extras
         ).last_hidden_state  # (B, L + Q, H), after the final norm
         text_hidden, query_states = hidden[:, :-q], hidden[:, -q:]
         out = LensOutput(query_states=query_states)
@@ -360,25 +375,16 @@ class LensForConditionalGeneration(Qwen2_5_VLForConditionalGeneration):
         return self
 
 
-def distinct_images(
-    pixel_values: torch.Tensor, image_grid_thw: torch.LongTensor, image_index: torch.LongTensor
-) -> tuple[torch.Tensor, torch.LongTensor, torch.LongTensor]:
-    """Keep the patches of the first row of each distinct `image_index` value.
+class LensForConditionalGeneration(LensMixin, Qwen2_5_VLForConditionalGeneration):
+    """LENS over Qwen2.5-VL (the released checkpoints' family)."""
 
-    pixel_values: (sum_b patches_b, D) rows' patches in order; image_grid_thw: (B, 3); image_index: (B,).
-    Returns the distinct images' patches and grids, and each row's position among them (B,).
-    """
-    first, inverse = distinct_index(image_index.tolist())
-    offsets = torch.cat([image_grid_thw.new_zeros(1), image_grid_thw.prod(-1).cumsum(0)])
-    keep = torch.cat([torch.arange(int(offsets[r]), int(offsets[r + 1]), device=pixel_values.device) for r in first])
-    return pixel_values[keep], image_grid_thw[first], inverse.to(image_index.device)
+    config_class = LensConfig
+    config: LensConfig
 
 
-def _register_auto_classes() -> None:
-    from transformers import AutoConfig, AutoModelForImageTextToText
+def lens_model_class(family) -> type:
+    """The LENS model class of a family (a `Family` or its name)."""
+    from . import backbones
 
-    AutoConfig.register("lens", LensConfig, exist_ok=True)
-    AutoModelForImageTextToText.register(LensConfig, LensForConditionalGeneration, exist_ok=True)
-
-
-_register_auto_classes()
+    name = getattr(family, "name", family)
+    return {"qwen2_5_vl": LensForConditionalGeneration, **backbones.LENS_BACKBONES}[get_family(name).name]

@@ -1,5 +1,6 @@
 """Checkpoint layouts: our own (transformers 5.x), the released LENS checkpoints (transformers 4.51,
-`SAMR1ForConditionalGeneration_qwen2p5`), and a base Qwen2.5-VL-Instruct folder plus Meta's SAM2 file."""
+`SAMR1ForConditionalGeneration_qwen2p5`), and a base Qwen2-VL / Qwen2.5-VL / Qwen3-VL Instruct folder plus Meta's
+SAM2 file. The policy family comes from config.json (`model_type`, `architectures`)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,8 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from .config import LensConfig
+from .config import LensConfig, lens_config_class
+from .families import Family, family_for_model_type, family_of, get_family
 from .sam import build_sam, load_sam_checkpoint
 from .zero3 import gathered
 
@@ -37,7 +39,12 @@ _LENS_FIELDS = (
 
 
 def checkpoint_kind(path: str | Path) -> str:
-    """'lens' (ours), 'released' (upstream LENS) or 'qwen' (a base Qwen2.5-VL folder); errors name the path."""
+    """'lens' (ours), 'released' (upstream LENS) or 'qwen' (a base Qwen-VL folder); errors name the path."""
+    return checkpoint_family(path)[0]
+
+
+def checkpoint_family(path: str | Path) -> tuple[str, Family]:
+    """(kind, policy family) of a checkpoint folder: kind as `checkpoint_kind`; errors name the path."""
     path = Path(path)
     cfg_file = path / "config.json"
     if not path.is_dir():
@@ -49,37 +56,41 @@ def checkpoint_kind(path: str | Path) -> str:
             f"{path} has a config.json but no weights (*.safetensors or *.bin): the download is incomplete. {WEIGHTS_HELP}"
         )
     cfg = json.loads(cfg_file.read_text())
-    if cfg.get("model_type") == "lens":
-        return "lens"
+    model_type, family = cfg.get("model_type"), family_for_model_type(cfg.get("model_type"))
+    if family is not None and model_type == family.lens_model_type:
+        return "lens", family
     if RELEASED_ARCHITECTURE in (cfg.get("architectures") or []) or "num_of_query" in cfg:
-        return "released"
-    if cfg.get("model_type") in ("qwen2_5_vl", "qwen2_vl"):
-        return "qwen"
+        return "released", get_family("qwen2_5_vl")  # the released checkpoints are Qwen2.5-VL (flat qwen2_vl config)
+    if family is not None:
+        return "qwen", family
     raise ValueError(
-        f"{cfg_file}: model_type={cfg.get('model_type')!r}, architectures={cfg.get('architectures')} is neither a "
-        f"LENS checkpoint nor a Qwen2.5-VL folder"
+        f"{cfg_file}: model_type={model_type!r}, architectures={cfg.get('architectures')} is neither a LENS "
+        f"checkpoint nor a base Qwen2-VL, Qwen2.5-VL or Qwen3-VL folder"
     )
 
 
-def foreign_config(path: Path, overrides: dict[str, Any]) -> LensConfig:
-    """LensConfig from a released-LENS or base-Qwen config.json (flat 4.51 layout or nested 5.x)."""
+def foreign_config(path: Path, overrides: dict[str, Any], family: Family | None = None):
+    """The family's LENS config from a released-LENS or base-Qwen config.json (flat 4.51 layout or nested 5.x)."""
+    family = family or checkpoint_family(path)[1]
     raw = json.loads((path / "config.json").read_text())
     raw = {k: v for k, v in raw.items() if k not in _DROP_RELEASED}
     raw.setdefault("use_cache", True)
     raw.update(overrides)
-    return LensConfig(**raw)
+    return lens_config_class(family.name)(**raw)
 
 
-def prepare_from_pretrained(path: Path, kwargs: dict[str, Any]) -> tuple[str, dict[str, Any]]:
-    """Pick the config and key mapping `from_pretrained` needs for the layout found at `path`."""
-    kind = checkpoint_kind(path)
+def prepare_from_pretrained(path: Path, kwargs: dict[str, Any]) -> tuple[str, Family, dict[str, Any]]:
+    """Pick the family, config and key mapping `from_pretrained` needs for the layout found at `path`."""
+    kind, family = checkpoint_family(path)
     overrides = {k: kwargs.pop(k) for k in _LENS_FIELDS if k in kwargs}
+    if "config" in kwargs:
+        family = family_of(kwargs["config"])
     if kind != "lens" and "config" not in kwargs:
-        kwargs["config"] = foreign_config(path, overrides)
+        kwargs["config"] = foreign_config(path, overrides, family)
     elif overrides:
         kwargs.update(overrides)
     kwargs.setdefault("key_mapping", LEGACY_KEY_MAPPING)
-    return kind, kwargs
+    return kind, family, kwargs
 
 
 def finish_from_pretrained(model, kind: str, missing: set[str], sam_checkpoint: str | Path | bool | None) -> None:
@@ -87,7 +98,7 @@ def finish_from_pretrained(model, kind: str, missing: set[str], sam_checkpoint: 
     missing_sam = sorted(k for k in missing if k.startswith("sam."))
     if kind == "qwen" and sam_checkpoint is None:
         raise ValueError(
-            "a base Qwen2.5-VL folder has no SAM2 weights: pass sam_checkpoint='path/to/sam2_hiera_large.pt' "
+            "a base Qwen-VL folder has no SAM2 weights: pass sam_checkpoint='path/to/sam2_hiera_large.pt' "
             "(or sam_checkpoint=False to start from a randomly initialised SAM2). " + WEIGHTS_HELP
         )
     if missing_sam or sam_checkpoint:
@@ -129,7 +140,9 @@ def released_state_dict(model) -> dict[str, torch.Tensor]:
 
 
 def released_config_dict(config: LensConfig) -> dict[str, Any]:
-    """config.json as the released checkpoints store it: flat text fields, model_type qwen2_vl."""
+    """config.json as the released checkpoints store it: flat text fields, model_type qwen2_vl (Qwen2.5-VL only)."""
+    if family_of(config).name != "qwen2_5_vl":
+        raise ValueError(f"the released LENS layout holds Qwen2.5-VL policies only, not {family_of(config).name}")
     text = config.text_config.to_dict()
     vision = config.vision_config.to_dict()
     rope = dict(text.pop("rope_parameters", None) or {})

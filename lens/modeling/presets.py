@@ -1,9 +1,11 @@
-"""Model presets: `qwen2.5-vl-3b` (the real architecture, random weights) and `tiny` (CPU-sized).
+"""Model presets: real architectures with random weights (`qwen2.5-vl-3b`, `qwen2.5-vl-7b`, `qwen2-vl-2b` = LENS-2B,
+`qwen3-vl-4b`) and CPU-sized ones (`tiny` = Qwen2.5-VL, `tiny-qwen2-vl`, `tiny-qwen3-vl`).
 
-Both are read from YAML files shipped inside the package (`lens/configs/models/`, found through
-`importlib.resources`, so an installed wheel has them too) and built by the same code. Without a real
-Qwen processor folder, a preset gets the offline tiny tokenizer (`tiny_processor.py`) together with
-Qwen's image-processor settings, and the config's special-token ids are set to that tokenizer's ids.
+All are read from YAML files shipped inside the package (`lens/configs/models/`, found through
+`importlib.resources`, so an installed wheel has them too) and built by the same code; a YAML's `backbone:`
+names the policy family (default qwen2_5_vl). Without a real Qwen processor folder, a preset gets the offline
+tiny tokenizer (`tiny_processor.py`) with the family's processor class and patch size, and the config's
+special-token ids are set to that tokenizer's ids.
 """
 
 from __future__ import annotations
@@ -14,14 +16,15 @@ from typing import TYPE_CHECKING, Any
 import torch
 import yaml
 
-from .config import LensConfig
+from .config import lens_config
+from .families import DEFAULT_FAMILY, get_family
 from .tiny_processor import build_tiny_processor, special_token_ids
 
 if TYPE_CHECKING:
     from importlib.resources.abc import Traversable
 
 CONFIG_DIR: Traversable = resources.files("lens") / "configs" / "models"
-PRESETS = ("qwen2.5-vl-3b", "tiny")
+PRESETS = ("qwen2.5-vl-3b", "qwen2.5-vl-7b", "qwen2-vl-2b", "qwen3-vl-4b", "tiny", "tiny-qwen2-vl", "tiny-qwen3-vl")
 
 
 def preset_path(name: str) -> Traversable:
@@ -55,8 +58,8 @@ def load_preset(name: str, **overrides: Any) -> tuple[dict, dict]:
     return raw, processor_kwargs
 
 
-def config_for_tokenizer(raw: dict, tokenizer) -> LensConfig:
-    """LensConfig with special-token ids and vocabulary size matched to `tokenizer`."""
+def config_for_tokenizer(raw: dict, tokenizer):
+    """The family's LENS config with special-token ids and vocabulary size matched to `tokenizer`."""
     ids = special_token_ids(tokenizer)
     raw = {**raw, "text_config": dict(raw["text_config"])}
     for key in ("image_token_id", "video_token_id", "vision_start_token_id", "vision_end_token_id"):
@@ -65,21 +68,30 @@ def config_for_tokenizer(raw: dict, tokenizer) -> LensConfig:
         raw["text_config"][key] = ids[key]
     vocab = raw["text_config"].get("vocab_size") or 0
     raw["text_config"]["vocab_size"] = max(vocab, -(-len(tokenizer) // 64) * 64)
-    return LensConfig(**raw)
+    return lens_config(raw)
+
+
+def preset_processor(raw: dict, processor_kwargs: dict):
+    """The offline tiny processor of a preset: the family's processor classes, the vision tower's patch size."""
+    family = get_family(raw.get("backbone") or DEFAULT_FAMILY)
+    return build_tiny_processor(
+        patch_size=raw["vision_config"].get("patch_size", 14), processor_class=family.processor,
+        video_processor_class=family.video_processor, **processor_kwargs,
+    )
 
 
 def build_preset(name: str, seed: int = 0, dtype: torch.dtype | None = None, **overrides: Any):
     """Randomly initialised (model, processor) of a preset; deterministic for a seed."""
-    from .lens import LensForConditionalGeneration
+    from .lens import lens_model_class
 
     raw, processor_kwargs = load_preset(name, **overrides)
-    processor = build_tiny_processor(**processor_kwargs)
+    processor = preset_processor(raw, processor_kwargs)
     config = config_for_tokenizer(raw, processor.tokenizer)
     torch.manual_seed(seed)
     previous = torch.get_default_dtype()
     torch.set_default_dtype(dtype or torch.float32)  # allocate in the target dtype: no fp32 copy of a 3B model
     try:
-        model = LensForConditionalGeneration(config)
+        model = lens_model_class(config.lens_family)(config)
     finally:
         torch.set_default_dtype(previous)
     model.generation_config.pad_token_id = config.text_config.pad_token_id

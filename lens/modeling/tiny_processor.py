@@ -314,21 +314,27 @@ def build_tiny_processor(
     vocab_size: int = 1024,
     min_pixels: int = TINY_MIN_PIXELS,
     max_pixels: int = TINY_MAX_PIXELS,
-) -> Qwen2_5_VLProcessor:
-    """Build a complete offline ``Qwen2_5_VLProcessor`` (tokenizer, image and video processors, chat template)."""
+    patch_size: int = 14,
+    image_mean: Sequence[float] = CLIP_MEAN,
+    image_std: Sequence[float] = CLIP_STD,
+    processor_class: type = Qwen2_5_VLProcessor,
+    video_processor_class: type = Qwen2VLVideoProcessor,
+):
+    """Build a complete offline processor (tokenizer, image and video processors, chat template): a
+    ``Qwen2_5_VLProcessor`` by default; a policy family passes its own classes and patch size (Qwen3-VL: 16)."""
     tokenizer = build_tiny_tokenizer(extra_corpus, vocab_size=vocab_size)
     common = dict(
-        patch_size=14,
+        patch_size=patch_size,
         merge_size=2,
         temporal_patch_size=2,
-        image_mean=list(CLIP_MEAN),
-        image_std=list(CLIP_STD),
+        image_mean=list(image_mean),
+        image_std=list(image_std),
     )
     image_processor = Qwen2VLImageProcessor(min_pixels=min_pixels, max_pixels=max_pixels, **common)
-    video_processor = Qwen2VLVideoProcessor(
+    video_processor = video_processor_class(
         size={"shortest_edge": min_pixels, "longest_edge": max_pixels}, **common
     )
-    return Qwen2_5_VLProcessor(
+    return processor_class(
         image_processor=image_processor,
         tokenizer=tokenizer,
         video_processor=video_processor,
