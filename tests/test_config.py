@@ -156,7 +156,8 @@ def test_defaults_live_in_the_schema():
 TINY_STAGE1_RESOLVED = {
     "stage": "stage1",
     "model": {"init": "outputs/quickstart/warmup/final", "dtype": "float32", "attn_implementation": None,
-              "sam_checkpoint": None, "query_position_mode": None, "reinit_context": True},
+              "sam_checkpoint": None, "sam_variant": None, "query_position_mode": None,
+              "reinit_context": True},
     "data": {"train": ["refcoco:train"], "root": "outputs/quickstart/data", "question_template": "pr1_grounding",
              "min_pixels": 3136, "max_pixels": 12544, "llm_longest_side": None, "answer_style": "phrase"},
     "train": {"output_dir": "outputs/quickstart/stage1", "per_device_train_batch_size": 16, "learning_rate": 0.001,
@@ -172,7 +173,8 @@ TINY_STAGE1_RESOLVED = {
 TINY_STAGE2_RESOLVED = {
     "stage": "stage2",
     "model": {"init": "outputs/quickstart/stage1/final", "dtype": "float32", "attn_implementation": None,
-              "sam_checkpoint": None, "query_position_mode": None, "reinit_context": False},
+              "sam_checkpoint": None, "sam_variant": None, "query_position_mode": None,
+              "reinit_context": False},
     "data": {"train": ["refcoco:train"], "root": "outputs/quickstart/data", "question_template": "pr1_grounding",
              "min_pixels": 3136, "max_pixels": 12544, "llm_longest_side": None, "answer_style": "grounding"},
     "train": {"output_dir": "outputs/quickstart/stage2", "per_device_train_batch_size": 16,

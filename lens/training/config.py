@@ -25,6 +25,10 @@ import yaml
 from lens.config import DTYPE_NAMES, ConfigError, build, closest, field_names, parse_override, phrase, set_dotted
 
 STAGES = ("warmup", "stage1", "stage2")
+# = the keys of lens.modeling.sam.SAM2_CONFIGS, written out so that the schema imports no model code (a typo fails
+# at once); tests/test_sam21.py checks that the two agree
+SAM_VARIANTS = ("sam2_hiera_t", "sam2_hiera_s", "sam2_hiera_b+", "sam2_hiera_l",
+                "sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l")
 ANSWER_STYLES = ("grounding", "phrase", "json")  # lens/training/data.py target_answer
 STAGE2_ONLY = ("rewards", "lora", "grpo")
 SUPERVISED_ONLY = ("cache_sam_features",)  # warmup and stage 1
@@ -48,6 +52,8 @@ class ModelConfig:
     dtype: str = field(default="float32", metadata={"choices": DTYPE_NAMES})  # also the final checkpoint's dtype
     attn_implementation: str | None = None  # None: transformers' choice (sdpa)
     sam_checkpoint: str | bool | None = None  # Meta's SAM2 .pt for a base Qwen folder (False: random SAM2)
+    # None: the preset's / checkpoint's. Another variant than a checkpoint's swaps in a fresh SAM from sam_checkpoint
+    sam_variant: str | None = field(default=None, metadata={"choices": SAM_VARIANTS})
     query_position_mode: str | None = None  # None: the checkpoint's (upstream | mrope)
     reinit_context: bool = False  # fresh context module (queries, connector, conv_1d, proj_to_sam)
 

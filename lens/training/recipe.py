@@ -5,6 +5,7 @@ This is the only module that wires the pieces together; it reads top to bottom l
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,7 @@ from transformers import AutoProcessor, TrainerCallback, set_seed
 from lens.config import DTYPES, parse_override, parse_value  # noqa: F401  (parse_*: re-exported for tools)
 from lens.data.dataset import GroundingDataset
 from lens.modeling import LensForConditionalGeneration, build_preset
+from lens.modeling.families import box_frame, image_factor
 from lens.modeling.presets import preset_name
 from lens.rewards import get_reward_funcs
 from lens.training.config import (  # noqa: F401  (re-exported: callers import them from here)
@@ -45,7 +47,8 @@ def load_policy(cfg: ModelConfig | dict[str, Any], seed: int):
     lens_fields = {} if cfg.query_position_mode is None else {"query_position_mode": cfg.query_position_mode}
     preset = preset_name(init)
     if preset is not None:
-        model, processor = build_preset(preset, seed=seed, dtype=dtype, **lens_fields)
+        variant = {} if cfg.sam_variant is None else {"sam_variant": cfg.sam_variant}
+        model, processor = build_preset(preset, seed=seed, dtype=dtype, **lens_fields, **variant)
         if cfg.attn_implementation:  # a preset is built with the default (SDPA) like any config
             model.set_attn_implementation(cfg.attn_implementation)
     else:
@@ -54,11 +57,39 @@ def load_policy(cfg: ModelConfig | dict[str, Any], seed: int):
             kwargs["attn_implementation"] = cfg.attn_implementation
         if cfg.sam_checkpoint is not None:
             kwargs["sam_checkpoint"] = cfg.sam_checkpoint
-        model = LensForConditionalGeneration.from_pretrained(init, **kwargs)
+        model = load_checkpoint(init, kwargs, cfg)
         processor = AutoProcessor.from_pretrained(init)
     if cfg.reinit_context:
         model.reset_context_module()
     return model, processor
+
+
+def load_checkpoint(init: str, kwargs: dict[str, Any], cfg: ModelConfig):
+    """`from_pretrained(init, **kwargs)` with the recipe's `model.sam_variant`. A checkpoint whose SAM is of another
+    variant gets a fresh SAM of the recipe's variant from `model.sam_checkpoint` (Meta's file), as stage 2 swaps in
+    a fresh SAM; the checkpoint's SAM weights are dropped (of another size they load as mismatched and are replaced)."""
+    from lens.modeling.loading import checkpoint_kind
+    from lens.modeling.sam import hub_location
+
+    if cfg.sam_variant is None:
+        return LensForConditionalGeneration.from_pretrained(init, **kwargs)
+    kind = checkpoint_kind(init)
+    saved = json.loads((Path(init) / "config.json").read_text()).get("sam_variant", "sam2_hiera_l")  # released: 2.0 L
+    if kind == "qwen" or saved == cfg.sam_variant:
+        return LensForConditionalGeneration.from_pretrained(init, **kwargs, sam_variant=cfg.sam_variant)
+    if not cfg.sam_checkpoint:
+        raise ValueError(
+            f"model.sam_variant={cfg.sam_variant!r} but {init} holds a {saved} SAM: set model.sam_checkpoint to "
+            f"Meta's file of {cfg.sam_variant} ({hub_location(cfg.sam_variant)}) to swap in a fresh SAM, or drop "
+            "model.sam_variant to keep the checkpoint's")
+    model, info = LensForConditionalGeneration.from_pretrained(
+        init, **kwargs, sam_variant=cfg.sam_variant, ignore_mismatched_sizes=True, output_loading_info=True)
+    other = sorted(key for key, *_ in info["mismatched_keys"] if not key.startswith("sam."))
+    if other:  # only SAM may change shape with the variant
+        raise ValueError(f"{init}: weights of another shape than the model's outside SAM: {other[:5]}")
+    logger.info("model.sam_variant: swapped the checkpoint's %s SAM for %s from %s", saved, cfg.sam_variant,
+                cfg.sam_checkpoint)
+    return model
 
 
 def set_pixel_limits(processor, min_pixels: int, max_pixels: int) -> None:
@@ -66,11 +97,14 @@ def set_pixel_limits(processor, min_pixels: int, max_pixels: int) -> None:
     ip.size = {"shortest_edge": min_pixels, "longest_edge": max_pixels}
 
 
-def build_dataset(data: DataConfig, sam_size: int, seed: int) -> GroundingDataset:
+def build_dataset(data: DataConfig, sam_size: int, seed: int, image_factor: int = 28,
+                  box_frame: tuple[int, int] | None = None) -> GroundingDataset:
+    """The training set; `image_factor` and `box_frame` are the policy's (`lens.modeling.families`)."""
     refs = load_sources(data.train, data.root)
     return GroundingDataset(
         refs, question_template=data.question_template, min_pixels=data.min_pixels, max_pixels=data.max_pixels,
-        sam_size=sam_size, llm_longest_side=data.llm_longest_side, seed=seed,
+        sam_size=sam_size, llm_longest_side=data.llm_longest_side, seed=seed, image_factor=image_factor,
+        box_frame=box_frame,
     )
 
 
@@ -129,7 +163,7 @@ def build_trainer(recipe: Recipe | dict[str, Any], policy: tuple | None = None):
     logger.info("trainable parameters per group: %s", counts)
     if sum(counts.values()) == 0:
         raise ValueError("no trainable parameters: check the recipe's trainable section")
-    dataset = build_dataset(data, model.config.sam_image_size, seed)
+    dataset = build_dataset(data, model.config.sam_image_size, seed, image_factor(processor), box_frame(model.config))
     loss, lr_multipliers = recipe.loss, recipe.lr_multipliers.given() or None
 
     if recipe.is_grpo:
