@@ -18,6 +18,7 @@ from PIL import Image
 from .data.transforms import box_from_llm_pixels, load_rgb, resize_for_llm, sam_image
 from .distinct import distinct_index
 from .geometry import parse_answer_box
+from .modeling.families import box_frame, image_factor
 from .modeling.sam import upsample_masks
 from .prompts import build_messages
 
@@ -26,7 +27,8 @@ ImageLike = str | Path | Image.Image | np.ndarray
 
 @dataclass
 class Prediction:
-    """One answer. `box` and `mask` are in original-image pixels; `box_llm` in LLM-image pixels."""
+    """One answer. `box` and `mask` are in original-image pixels; `box_llm` as the model answers it (LLM-image
+    pixels for Qwen2.5-VL, 0-1000 for Qwen2-VL and Qwen3-VL)."""
 
     text: str
     box: list[float] | None
@@ -44,7 +46,7 @@ class BatchOutput:
     mask_logits: torch.Tensor  # (B, 1, h, w) low-resolution logits
     scores: torch.Tensor  # (B,)
     orig_sizes: list[tuple[int, int]]  # (H, W) per row
-    llm_sizes: list[tuple[int, int]]
+    llm_sizes: list[tuple[int, int]]  # (H, W) of the frame `boxes_llm` are in: the LLM image, or (1000, 1000)
 
 
 def as_pil(image: ImageLike) -> Image.Image:
@@ -90,6 +92,8 @@ class Segmenter:
         ip = processor.image_processor
         self.min_pixels = ip.size.get("shortest_edge", 3136)
         self.max_pixels = ip.size.get("longest_edge", 1_000_000)
+        self.image_factor = image_factor(processor)  # the policy's resize grid and answer-box frame
+        self.box_frame = box_frame(cfg)
 
     @classmethod
     def from_pretrained(
@@ -138,7 +142,8 @@ class Segmenter:
         pil = [as_pil(im) for im in images]
         device = self.model.device
 
-        llm_images = [resize_for_llm(p, self.min_pixels, self.max_pixels, self.llm_longest_side) for p in pil]
+        llm_images = [resize_for_llm(p, self.min_pixels, self.max_pixels, self.llm_longest_side, self.image_factor)
+                      for p in pil]
         texts = [self.prompt_text(q, cot) for q in prompts]
         tok = self.processor.tokenizer
         inputs = self.processor(text=texts, images=llm_images, padding=True, return_tensors="pt").to(device)
@@ -170,7 +175,7 @@ class Segmenter:
             mask_logits=out.mask_logits.float(),
             scores=out.iou_scores[:, 0].float(),
             orig_sizes=[(p.height, p.width) for p in pil],
-            llm_sizes=[(p.height, p.width) for p in llm_images],
+            llm_sizes=[self.box_frame or (p.height, p.width) for p in llm_images],
         )
 
     def predict_batch(self, images: Sequence[ImageLike], prompts: Sequence[str], cot: bool = False) -> list[Prediction]:

@@ -16,6 +16,7 @@ from lens.data.base import Reference
 from lens.data.transforms import (
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_PIXELS,
+    IMAGE_FACTOR,
     box_to_llm_pixels,
     llm_image_size,
     resize_for_llm,
@@ -37,8 +38,9 @@ class GroundingDataset(Dataset):
     from ``(seed, epoch, index)``; else the first) or ``(reference, expression_index)`` pairs.
     Each item is a dict with keys ``image`` (PIL, LLM-resized), ``sam_image`` (uint8 ``3xSxS``),
     ``mask`` (np.uint8 ``HxW`` raw values, original size), ``expression``, ``expr_index``,
-    ``box`` (xyxy original pixels), ``box_llm`` (list[int] xyxy LLM pixels), ``has_box``,
-    ``orig_hw``, ``llm_hw``, ``image_path``, ``image_id`` (= image path, for de-duplication),
+    ``box`` (xyxy original pixels), ``box_llm`` (list[int] xyxy in the model's box frame: LLM pixels, or 0-1000
+    with ``box_frame=(1000, 1000)``), ``has_box``, ``orig_hw``, ``llm_hw`` (the LLM image), ``box_hw`` (the box
+    frame), ``image_path``, ``image_id`` (= image path, for de-duplication),
     ``ref_id``, ``source``, ``question_template``.
     """
 
@@ -53,7 +55,11 @@ class GroundingDataset(Dataset):
         llm_longest_side: int | None = None,
         random_expression: bool = True,
         seed: int = 0,
+        image_factor: int = IMAGE_FACTOR,
+        box_frame: tuple[int, int] | None = None,
     ) -> None:
+        """``image_factor``: the LLM image's side multiple (``lens.modeling.families.image_factor(processor)``);
+        ``box_frame``: the frame of answer boxes, None = LLM pixels (``lens.modeling.families.box_frame(config)``)."""
         self.items = list(items)
         self.question_template = question_template
         self.min_pixels, self.max_pixels = min_pixels, max_pixels
@@ -61,6 +67,7 @@ class GroundingDataset(Dataset):
         self.llm_longest_side = llm_longest_side
         self.random_expression = random_expression
         self.seed = seed
+        self.image_factor, self.box_frame = image_factor, box_frame
         self.epoch = 0
 
     def set_epoch(self, epoch: int) -> None:
@@ -90,9 +97,10 @@ class GroundingDataset(Dataset):
         if mask.shape != (h, w):
             raise ValueError(f"{ref.ref_id}: mask size {mask.shape} differs from image {ref.image_path} size {(h, w)}")
         box = ref.target_box(mask)
-        llm_hw = llm_image_size(h, w, self.min_pixels, self.max_pixels, self.llm_longest_side)
-        llm_image = resize_for_llm(image, self.min_pixels, self.max_pixels, self.llm_longest_side)
+        llm_hw = llm_image_size(h, w, self.min_pixels, self.max_pixels, self.llm_longest_side, self.image_factor)
+        llm_image = resize_for_llm(image, self.min_pixels, self.max_pixels, self.llm_longest_side, self.image_factor)
         assert llm_image.size == (llm_hw[1], llm_hw[0])
+        box_hw = tuple(self.box_frame) if self.box_frame is not None else llm_hw
         return {
             "image": llm_image,
             "sam_image": sam_image(image, self.sam_size),
@@ -100,10 +108,11 @@ class GroundingDataset(Dataset):
             "expression": ref.expressions[expr_index],
             "expr_index": expr_index,
             "box": box if box is not None else (0.0, 0.0, 0.0, 0.0),
-            "box_llm": box_to_llm_pixels(box, (h, w), llm_hw) if box is not None else [0, 0, 0, 0],
+            "box_llm": box_to_llm_pixels(box, (h, w), box_hw) if box is not None else [0, 0, 0, 0],
             "has_box": box is not None,
             "orig_hw": (h, w),
             "llm_hw": llm_hw,
+            "box_hw": box_hw,
             "image_path": str(ref.image_path),
             "image_id": ref.image_key,
             "ref_id": ref.ref_id,

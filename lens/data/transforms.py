@@ -3,7 +3,10 @@
 Coordinate frames (see docs/CONTRACTS.md):
 
 * original pixels: the image file as stored (no EXIF rotation is applied);
-* LLM pixels: the image after an optional longest-side cap and ``smart_resize`` (factor 28);
+* LLM pixels: the image after an optional longest-side cap and ``smart_resize`` (factor = the vision tower's
+  patch x merge: 28 for Qwen2-VL / Qwen2.5-VL, 32 for Qwen3-VL; ``lens.modeling.families.image_factor``);
+* box frame: what answer boxes are written in, LLM pixels (Qwen2.5-VL) or 0-1000 of the image (Qwen2-VL,
+  Qwen3-VL): ``box_to_llm_pixels`` / ``box_from_llm_pixels`` take its size (``lens.modeling.families.box_frame_size``);
 * SAM image: the original resized straight (aspect not kept) to ``S x S``.
 """
 
@@ -18,7 +21,7 @@ from PIL import Image, UnidentifiedImageError
 if TYPE_CHECKING:  # torch / qwen_vl_utils are imported lazily: loaders and the generator stay light
     import torch
 
-IMAGE_FACTOR = 28
+IMAGE_FACTOR = 28  # Qwen2.5-VL's (the default); a model's own: lens.modeling.families.image_factor(processor)
 DEFAULT_MIN_PIXELS = 3136
 DEFAULT_MAX_PIXELS = 1_000_000
 
@@ -67,12 +70,13 @@ def llm_image_size(
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     longest_side: int | None = None,
+    factor: int = IMAGE_FACTOR,
 ) -> tuple[int, int]:
-    """``(rh, rw)`` the LLM sees: optional longest-side cap, then ``smart_resize`` (factor 28)."""
+    """``(rh, rw)`` the LLM sees: optional longest-side cap, then ``smart_resize`` to multiples of ``factor``."""
     from qwen_vl_utils import smart_resize
 
     h, w = cap_longest_side(h, w, longest_side)
-    rh, rw = smart_resize(h, w, factor=IMAGE_FACTOR, min_pixels=min_pixels, max_pixels=max_pixels)
+    rh, rw = smart_resize(h, w, factor=factor, min_pixels=min_pixels, max_pixels=max_pixels)
     return int(rh), int(rw)
 
 
@@ -81,13 +85,14 @@ def resize_for_llm(
     min_pixels: int = DEFAULT_MIN_PIXELS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
     longest_side: int | None = None,
+    factor: int = IMAGE_FACTOR,
 ) -> Image.Image:
     """Resize ``img`` to :func:`llm_image_size` (ReasonSeg uses ``longest_side=640``)."""
     w, h = img.size
     ch, cw = cap_longest_side(h, w, longest_side)
     if (ch, cw) != (h, w):
         img = img.resize((cw, ch), Image.Resampling.BICUBIC)
-    rh, rw = llm_image_size(ch, cw, min_pixels, max_pixels)
+    rh, rw = llm_image_size(ch, cw, min_pixels, max_pixels, factor=factor)
     if (rh, rw) != (ch, cw):
         img = img.resize((rw, rh), Image.Resampling.BICUBIC)
     return img
@@ -96,7 +101,8 @@ def resize_for_llm(
 def box_to_llm_pixels(
     box_xyxy_orig: Sequence[float], orig_hw: tuple[int, int], llm_hw: tuple[int, int]
 ) -> list[int]:
-    """Original-pixel box -> integer LLM-pixel box, ``round(x / orig_w * llm_w)`` as upstream."""
+    """Original-pixel box -> integer box in a frame of size ``llm_hw``, ``round(x / orig_w * llm_w)`` as upstream
+    (the LLM image for Qwen2.5-VL; ``(1000, 1000)`` gives the 0-1000 coordinates of Qwen2-VL and Qwen3-VL)."""
     sx, sy = llm_hw[1] / orig_hw[1], llm_hw[0] / orig_hw[0]
     x1, y1, x2, y2 = box_xyxy_orig
     return [round(x1 * sx), round(y1 * sy), round(x2 * sx), round(y2 * sy)]
@@ -105,7 +111,7 @@ def box_to_llm_pixels(
 def box_from_llm_pixels(
     box_xyxy_llm: Sequence[float], llm_hw: tuple[int, int], orig_hw: tuple[int, int]
 ) -> list[float]:
-    """LLM-pixel box -> original-pixel box (floats, no rounding)."""
+    """Box in a frame of size ``llm_hw`` (LLM pixels or 0-1000) -> original-pixel box (floats, no rounding)."""
     sx, sy = orig_hw[1] / llm_hw[1], orig_hw[0] / llm_hw[0]
     x1, y1, x2, y2 = box_xyxy_llm
     return [float(x1) * sx, float(y1) * sy, float(x2) * sx, float(y2) * sy]

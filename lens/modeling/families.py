@@ -87,9 +87,14 @@ def family_for_model_type(model_type: str | None) -> Family | None:
     return None
 
 
+def box_frame(config) -> tuple[int, int] | None:
+    """The fixed frame of a model's answer boxes ((1000, 1000) for 0-1000 coordinates), None for LLM-image pixels."""
+    return family_of(config).box_frame
+
+
 def box_frame_size(config, llm_hw: tuple[int, int]) -> tuple[int, int]:
     """(H, W) of the frame a model's answer boxes are in: the LLM image `llm_hw` or the family's fixed frame."""
-    frame = family_of(config).box_frame
+    frame = box_frame(config)
     return tuple(llm_hw) if frame is None else frame
 
 

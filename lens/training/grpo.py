@@ -8,8 +8,8 @@ A thin subclass of `trl.GRPOTrainer`. What it changes:
   the segment-level reward (`mask_iou`) reads as a column.
 - Loss: the policy log-probs (a chunked LM head, no (B, L, V) logits), the query states and the masks come
   from ONE pass over prompt + completion + appended queries; BCE + dice is added to TRL's policy loss.
-- The reference model is a stock Qwen2.5-VL with the policy's initial weights (M-RoPE positions, as
-  upstream), built by us so that TRL does not have to resolve our model class.
+- The reference model is the policy family's stock model (Qwen2.5-VL, Qwen2-VL or Qwen3-VL) with the policy's
+  initial weights (M-RoPE positions, as upstream), built by us so that TRL does not have to resolve our model class.
 """
 
 from __future__ import annotations
@@ -18,7 +18,6 @@ import copy
 from pathlib import Path
 
 import torch
-from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 from transformers.utils import logging as hf_logging
 from trl import GRPOTrainer
 from trl.data_utils import apply_chat_template
@@ -26,6 +25,7 @@ from trl.trainer.utils import add_fused_lm_head, disable_dropout_in_model, pad
 
 from lens.distinct import distinct_index
 from lens.losses import mask_iou_from_logits, segmentation_loss
+from lens.modeling.families import family_of
 from lens.modeling.loading import LEGACY_KEY_MAPPING
 from lens.modeling.sam import SamFeatures
 from lens.training.data import unique_images
@@ -41,8 +41,9 @@ def lens_module(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
-def qwen_config(config) -> Qwen2_5_VLConfig:
-    return Qwen2_5_VLConfig(
+def qwen_config(config):
+    """The stock config of the policy's family (Qwen2_5_VLConfig, Qwen2VLConfig, Qwen3VLConfig) from a LENS config."""
+    return family_of(config).stock_config(
         text_config=config.text_config.to_dict(), vision_config=config.vision_config.to_dict(),
         image_token_id=config.image_token_id, video_token_id=config.video_token_id,
         vision_start_token_id=config.vision_start_token_id, vision_end_token_id=config.vision_end_token_id,
@@ -50,18 +51,19 @@ def qwen_config(config) -> Qwen2_5_VLConfig:
     )
 
 
-def build_reference_model(policy, init_path: str | Path | None = None) -> Qwen2_5_VLForConditionalGeneration:
-    """Frozen stock Qwen2.5-VL holding the policy's initial language and vision weights.
+def build_reference_model(policy, init_path: str | Path | None = None):
+    """Frozen stock model of the policy's family holding the policy's initial language and vision weights.
 
     From `init_path` when it is a checkpoint folder (works under ZeRO-3), else copied from `policy`. It uses the
     policy's attention implementation (flash-attn or SDPA).
     """
     attn = {"attn_implementation": policy.config._attn_implementation} if policy.config._attn_implementation else {}
+    stock = family_of(policy.config).stock_model
     if init_path is not None and Path(init_path).is_dir():
         verbosity = hf_logging.get_verbosity()
         hf_logging.set_verbosity_error()  # the LENS-only keys are expected to be left out
         try:
-            ref = Qwen2_5_VLForConditionalGeneration.from_pretrained(
+            ref = stock.from_pretrained(
                 init_path, config=qwen_config(policy.config), key_mapping=LEGACY_KEY_MAPPING, dtype=policy.dtype, **attn
             )
         finally:
@@ -69,7 +71,7 @@ def build_reference_model(policy, init_path: str | Path | None = None) -> Qwen2_
     else:
         config = qwen_config(policy.config)
         config._attn_implementation = policy.config._attn_implementation
-        ref = Qwen2_5_VLForConditionalGeneration(config).to(policy.dtype)
+        ref = stock(config).to(policy.dtype)
         own = {k: v for k, v in policy.state_dict().items() if k.startswith(("model.", "lm_head."))}
         ref.load_state_dict(copy.deepcopy(own), strict=True)
     ref.generation_config = copy.deepcopy(policy.generation_config)

@@ -36,15 +36,16 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import save_file
-from transformers import Qwen2_5_VLConfig
 from trl import GRPOTrainer
 from trl.generation import vllm_generation as trl_vllm
 from trl.generation.vllm_generation import VLLMGeneration
 
+from lens.modeling.families import family_of
+
 STOCK_PREFIXES = ("model.language_model.", "model.visual.", "lm_head.")
 VIEW_DIR = "vllm_view"  # under train.output_dir
 SHARD_BYTES = 2 * 1024**3
-STOCK_ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"
+STOCK_ARCHITECTURE = "Qwen2_5_VLForConditionalGeneration"  # of a Qwen2.5-VL policy; others: their family's class
 
 
 # ---------------------------------------------------------------------- names, config
@@ -55,12 +56,14 @@ def stock_name(name: str) -> str | None:
     return name if name.startswith(STOCK_PREFIXES) else None
 
 
-def stock_config(config, dtype: torch.dtype | None = None) -> Qwen2_5_VLConfig:
-    """A stock Qwen2.5-VL configuration from a LensConfig (the LENS-only fields dropped)."""
-    lens_only = set(type(config)().to_dict()) - set(Qwen2_5_VLConfig().to_dict())
+def stock_config(config, dtype: torch.dtype | None = None):
+    """The stock configuration of the policy's family (Qwen2.5-VL, Qwen2-VL, Qwen3-VL) from a LENS config (the
+    LENS-only fields dropped)."""
+    family = family_of(config)
+    lens_only = set(type(config)().to_dict()) - set(family.stock_config().to_dict())
     fields = {k: v for k, v in config.to_dict().items() if k not in lens_only | {"model_type", "architectures"}}
-    out = Qwen2_5_VLConfig.from_dict(fields)
-    out.architectures = [STOCK_ARCHITECTURE]
+    out = family.stock_config.from_dict(fields)
+    out.architectures = [family.stock_architecture]
     if dtype is not None:
         out.dtype = dtype
     return out
