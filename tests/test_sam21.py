@@ -202,14 +202,32 @@ def test_one_stage1_step_on_sam21(tiny_recipe, tiny21_checkpoint, tmp_path):
     assert any("loss" in row and torch.isfinite(torch.tensor(row["loss"])) for row in logs)
 
 
+def test_one_stage2_step_on_sam21(tiny_recipe, tiny21_checkpoint):
+    from safetensors.torch import load_file
+
+    final = run(tiny_recipe("stage2", "train.max_steps=1", "grpo.max_completion_length=12", init=tiny21_checkpoint))
+    before, after = load_file(tiny21_checkpoint / "model.safetensors"), load_file(final / "model.safetensors")
+    assert set(before) == set(after)  # no SAM2.1 memory weight appears (or goes) in training
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any(k.startswith("sam.sam_mask_decoder.") for k in changed)  # the decoder learns in stage 2
+    assert not any(k.startswith("sam.image_encoder.") for k in changed)
+
+
 # ---------------------------------------------------------------------- the recipe line
-def test_a_recipe_line_switches_the_sam_variant(tiny_recipe):
+def test_a_recipe_line_switches_the_sam_variant(tiny_recipe, tmp_path):
     assert tiny_recipe("stage1", "model.sam_variant=sam2.1_hiera_l")["model"]["sam_variant"] == "sam2.1_hiera_l"
     with pytest.raises(ConfigError, match=r"model\.sam_variant='sam2\.1_hiera_L'; expected one of sam2_hiera_t, .*"
                                           r"sam2\.1_hiera_l"):
         tiny_recipe("stage1", "model.sam_variant=sam2.1_hiera_L")
     model, _ = load_policy({"init": "preset:tiny", "sam_variant": "sam2.1_hiera_t"}, seed=0)
     assert model.config.sam_variant == "sam2.1_hiera_t" and not hasattr(model.sam, "obj_ptr_tpos_proj")
+    # a preset with Meta's file: the file's weights in the preset's SAM (of the wrong family: the loader's error)
+    ref = meta_file(tmp_path / "sam21.pt", "sam2.1_hiera_t", seed=4)
+    model, _ = load_policy({"init": "preset:tiny", "sam_variant": "sam2.1_hiera_t",
+                            "sam_checkpoint": str(tmp_path / "sam21.pt")}, seed=0)
+    assert all(torch.equal(v, ref[k]) for k, v in model.sam.state_dict().items())
+    with pytest.raises(ValueError, match=r"sam_variant='sam2_hiera_t' \(SAM2.0\): the file looks like sam2.1_hiera_t"):
+        load_policy({"init": "preset:tiny", "sam_checkpoint": str(tmp_path / "sam21.pt")}, seed=0)
 
 
 @pytest.mark.parametrize("variant", ["sam2.1_hiera_t", "sam2.1_hiera_b+"])

@@ -49,6 +49,10 @@ def load_policy(cfg: ModelConfig | dict[str, Any], seed: int):
     if preset is not None:
         variant = {} if cfg.sam_variant is None else {"sam_variant": cfg.sam_variant}
         model, processor = build_preset(preset, seed=seed, dtype=dtype, **lens_fields, **variant)
+        if cfg.sam_checkpoint:  # Meta's file of the preset's variant into its SAM (else it stays random)
+            from lens.modeling.sam import load_sam_checkpoint
+
+            load_sam_checkpoint(model.sam, cfg.sam_checkpoint, model.config.sam_variant)
         if cfg.attn_implementation:  # a preset is built with the default (SDPA) like any config
             model.set_attn_implementation(cfg.attn_implementation)
     else:
