@@ -182,6 +182,18 @@ def test_the_tiny_preset_switches_to_sam21(tiny21, make_batch):
     model.zero_grad()
 
 
+@pytest.mark.parametrize("preset", ["tiny-qwen2-vl", "tiny-qwen3-vl"])
+def test_every_policy_family_takes_sam21(preset, make_batch):
+    """The SAM side is one code path whatever the policy: the other families' tiny presets switch too."""
+    model, processor = build_preset(preset, seed=0, sam_variant="sam2.1_hiera_t")
+    assert model.config.sam_variant == "sam2.1_hiera_t" and not any(hasattr(model.sam, n) for n in DELETED)
+    batch, sam, index = make_batch(processor)
+    with torch.no_grad():
+        out = model.eval()(**batch, sam_images=sam, sam_image_index=index)
+    side = model.config.sam_image_size // 4
+    assert out.mask_logits.shape == (3, 1, side, side) and torch.isfinite(out.mask_logits).all()
+
+
 def test_sam21_checkpoint_round_trip(tiny21, tiny21_checkpoint, make_batch):
     model, processor = tiny21
     loaded, info = LensForConditionalGeneration.from_pretrained(tiny21_checkpoint, output_loading_info=True)
