@@ -248,34 +248,25 @@ def test_segmenter_and_evaluation_cli(name, synthetic_root, tmp_path):
 # Measured on the meta device (no memory): context module, language model (embeddings, layers, norm and an untied
 # LM head), vision tower, SAM2 and the whole model.
 REAL_COUNTS = {
-    "qwen2-vl-2b": dict(context=267_273_472, lm=1_543_714_304, vision=665_271_296, sam=217_122_770,
+    "qwen2-vl-2b": dict(context=267_273_472, language_model=1_543_714_304, vision=665_271_296, sam=217_122_770,
                         total=2_693_381_842),
-    "qwen2.5-vl-3b": dict(context=474_853_632, lm=3_085_938_688, vision=668_684_288, sam=217_122_770,
+    "qwen2.5-vl-3b": dict(context=474_853_632, language_model=3_085_938_688, vision=668_684_288, sam=217_122_770,
                           total=4_446_599_378),
-    "qwen2.5-vl-7b": dict(context=1_453_061_376, lm=7_615_616_512, vision=676_550_144, sam=217_122_770,
+    "qwen2.5-vl-7b": dict(context=1_453_061_376, language_model=7_615_616_512, vision=676_550_144, sam=217_122_770,
                           total=9_962_350_802),
-    "qwen3-vl-4b": dict(context=741_678_336, lm=4_022_468_096, vision=415_347_712, sam=217_122_770,
+    "qwen3-vl-4b": dict(context=741_678_336, language_model=4_022_468_096, vision=415_347_712, sam=217_122_770,
                         total=5_396_616_914),
 }
 
 
-def count(module) -> int:
-    return sum(p.numel() for p in (module.parameters() if isinstance(module, torch.nn.Module) else [module]))
-
-
 @pytest.mark.parametrize("name", list(REAL_COUNTS))
 def test_real_preset_parameter_counts(name):
-    from transformers.initialization import meta_device_safe_creation_ops
+    from lens.modeling.presets import meta_preset, parameter_counts
 
-    from lens.modeling.config import lens_config
-    from lens.modeling.presets import load_preset
-
-    raw, _ = load_preset(name)
-    config = lens_config(raw)
-    with torch.device("meta"), meta_device_safe_creation_ops():
-        model = lens_model_class(config.lens_family)(config)
-    lm = count(model.model.language_model) + (0 if config.tie_word_embeddings else count(model.lm_head))
-    got = dict(context=sum(count(m) for m in model.context_modules.values()), lm=lm, vision=count(model.model.visual),
-               sam=count(model.sam), total=count(model))
+    model = meta_preset(name)
+    assert all(p.is_meta for p in model.parameters())
+    got = parameter_counts(model)
     assert got == REAL_COUNTS[name]
-    assert got["total"] == got["context"] + got["lm"] + got["vision"] + got["sam"]
+    # the parts are disjoint and cover the model (nothing else holds parameters)
+    assert got["total"] == got["context"] + got["language_model"] + got["vision"] + got["sam"]
+    assert family_of(model.config).name == {"qwen2-vl-2b": "qwen2_vl", "qwen3-vl-4b": "qwen3_vl"}.get(name, "qwen2_5_vl")

@@ -180,13 +180,14 @@ def phase_build(state: dict) -> dict:
 
 def phase_forward(state: dict) -> dict:
     from lens.data.transforms import resize_for_llm, sam_image
+    from lens.modeling.families import image_factor
     from lens.prompts import build_messages
 
     model, processor, sizes = state["model"], state["processor"], state["sizes"]
     model.eval()
     img = test_image(sizes["image"])
     ip = processor.image_processor
-    llm_img = resize_for_llm(img, ip.size["shortest_edge"], ip.size["longest_edge"])
+    llm_img = resize_for_llm(img, ip.size["shortest_edge"], ip.size["longest_edge"], factor=image_factor(processor))
     text = processor.apply_chat_template(build_messages(PROMPT), add_generation_prompt=True, tokenize=False)
     answer = "the red object" + processor.tokenizer.eos_token
     enc = processor(text=[text + answer], images=[llm_img], return_tensors="pt").to(model.device)

@@ -48,7 +48,7 @@ def load_model_and_processor(
             raise FileNotFoundError(
                 f"{path} has model weights but no processor files (tokenizer_config.json, "
                 f"preprocessor_config.json or processor_config.json): copy them from the base "
-                f"Qwen2.5-VL-Instruct folder"
+                f"Qwen-VL-Instruct folder"
             )
         processor = AutoProcessor.from_pretrained(path)
     if device is not None:

@@ -98,3 +98,27 @@ def build_preset(name: str, seed: int = 0, dtype: torch.dtype | None = None, **o
     model.generation_config.eos_token_id = config.text_config.eos_token_id
     model.generation_config.bos_token_id = config.text_config.bos_token_id
     return model, processor
+
+
+def meta_preset(name: str, **overrides: Any):
+    """A preset's model on the meta device (shapes, no memory, no weights): for parameter counts of real presets.
+    `python -c "from lens.modeling.presets import *; print(parameter_counts(meta_preset('qwen3-vl-4b')))"`"""
+    from transformers.initialization import meta_device_safe_creation_ops
+
+    from .lens import lens_model_class
+
+    raw, _ = load_preset(name, **overrides)
+    config = lens_config(raw)
+    with torch.device("meta"), meta_device_safe_creation_ops():
+        return lens_model_class(config.lens_family)(config)
+
+
+def parameter_counts(model) -> dict[str, int]:
+    """Parameters of a LENS model by part: context module, language model (embeddings, layers, final norm and an
+    untied LM head), vision tower, SAM2, and the whole model (tied weights once)."""
+    def count(part) -> int:
+        return sum(p.numel() for p in (part.parameters() if isinstance(part, torch.nn.Module) else [part]))
+
+    lm = count(model.model.language_model) + (0 if model.config.tie_word_embeddings else count(model.lm_head))
+    return {"context": sum(count(m) for m in model.context_modules.values()), "language_model": lm,
+            "vision": count(model.model.visual), "sam": count(model.sam), "total": count(model)}
