@@ -51,7 +51,8 @@ def test_demo_names_a_bad_model_in_one_line(jpg, tmp_path, monkeypatch, capsys):
     (tmp_path / "weightless").mkdir()
     (tmp_path / "weightless" / "config.json").write_text('{"model_type": "qwen2_5_vl"}')
     cases = {
-        str(tmp_path / "nowhere"): "no such folder, and not a preset (qwen2.5-vl-3b, tiny)",
+        str(tmp_path / "nowhere"): "no such folder, and not a preset (qwen2.5-vl-3b, qwen2.5-vl-7b, qwen2-vl-2b, "
+                                   "qwen3-vl-4b, tiny, tiny-qwen2-vl, tiny-qwen3-vl)",
         str(tmp_path / "empty"): "no config.json in this folder",
         str(jpg): "not a folder",
         str(tmp_path / "weightless"): "cannot load it:",
