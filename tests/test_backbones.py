@@ -155,6 +155,29 @@ def test_stage1_starts_from_a_base_instruct_folder_and_a_sam2_file(tiny, tmp_pat
         assert torch.equal(v, sam_ref[k]), k
 
 
+def test_stock_view_and_reference_model_are_the_familys_stock_class(tiny, make_batch, tmp_path):
+    """vLLM's view of the policy and GRPO's reference model: the family's stock class with the policy's weights and
+    the policy's stock-forward logits."""
+    from lens.training.grpo import build_reference_model
+    from lens.training.vllm import save_stock_view
+
+    _, model, processor = tiny
+    family = family_of(model.config)
+    view = save_stock_view(model, processor, tmp_path / "view")
+    stock, info = family.stock_model.from_pretrained(view, output_loading_info=True)
+    assert type(stock) is family.stock_model and stock.config.model_type == family.name
+    assert stock.config.architectures == [family.stock_architecture]
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    ref = build_reference_model(model)
+    assert type(ref) is family.stock_model
+    batch, _, _ = make_batch(processor)
+    batch["mm_token_type_ids"] = (batch["input_ids"] == model.config.image_token_id).int()
+    with torch.no_grad():
+        ours = model(**batch).logits
+        torch.testing.assert_close(stock.eval()(**batch).logits, ours, atol=0, rtol=0)
+        torch.testing.assert_close(ref(**batch).logits, ours, atol=0, rtol=0)
+
+
 def test_box_frame_through_data_reward_and_back():
     """Hand-computed: a 100 x 200 (h x w) image, GT box (50, 20)-(150, 80) in original pixels."""
     from lens.data.transforms import box_from_llm_pixels, box_to_llm_pixels, llm_image_size
@@ -270,3 +293,19 @@ def test_real_preset_parameter_counts(name):
     # the parts are disjoint and cover the model (nothing else holds parameters)
     assert got["total"] == got["context"] + got["language_model"] + got["vision"] + got["sam"]
     assert family_of(model.config).name == {"qwen2-vl-2b": "qwen2_vl", "qwen3-vl-4b": "qwen3_vl"}.get(name, "qwen2_5_vl")
+
+
+def test_bad_family_inputs_name_the_problem(tmp_path):
+    from lens.modeling import save_released_layout
+    from lens.modeling.config import lens_config
+
+    with pytest.raises(ValueError, match=r"unknown policy family 'qwen4_vl'; expected one of \('qwen2_vl', "):
+        lens_config({"backbone": "qwen4_vl"})
+    (tmp_path / "llava").mkdir()
+    (tmp_path / "llava" / "config.json").write_text(json.dumps({"model_type": "llava", "architectures": ["Llava"]}))
+    (tmp_path / "llava" / "model.safetensors").write_bytes(b"")
+    with pytest.raises(ValueError, match=r"model_type='llava'.*neither a LENS checkpoint nor a base Qwen2-VL"):
+        checkpoint_family(tmp_path / "llava")
+    model, _ = build_preset("tiny-qwen2-vl")
+    with pytest.raises(ValueError, match="released LENS layout holds Qwen2.5-VL policies only, not qwen2_vl"):
+        save_released_layout(model, tmp_path / "released")
