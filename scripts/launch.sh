@@ -27,21 +27,23 @@ MASTER_PORT="${MASTER_PORT:-29500}"
 if [ "$GPUS_DETECTED" -eq 0 ]; then
   RECIPE="${RECIPE:-configs/recipes/tiny/$STAGE.yaml}"
   OVERRIDES=(); for a in "$@"; do [[ "$a" == --* ]] || OVERRIDES+=("$a"); done
-  # "<use_cpu> <prereqs>": prereqs = the recipe stands on tiny outputs (outputs/quickstart/...) that are missing
+  # "<use_cpu> <prereqs>": prereqs = what missing files the recipe stands on: the quickstart's tiny outputs
+  # (outputs/quickstart/...), the evaluation smoke data (data/synthetic, the backbone twins' data) or none
   # a bad recipe or override (unknown key, missing file) prints one line and stops with exit status 2
   INFO="$($PY -c 'import sys; from pathlib import Path; from lens.config import ConfigError; from lens.training.config import load_recipe
 try: r = load_recipe(sys.argv[1], sys.argv[2:])
 except (ConfigError, FileNotFoundError) as e: sys.exit(f"error: {e}")
 paths = [str(r["data"].get("root", "")), str(r["model"]["init"])]
-need = any(p.startswith("outputs/quickstart") and not Path(p).exists() for p in paths)
-print(str(bool(r["train"].get("use_cpu"))).lower(), str(need).lower())' "$RECIPE" "${OVERRIDES[@]}")" || exit 2
+need = [k for k in ("outputs/quickstart", "data/synthetic") if any(p.startswith(k) and not Path(p).exists() for p in paths)]
+print(str(bool(r["train"].get("use_cpu"))).lower(), need[0].split("/")[1] if need else "none")' "$RECIPE" "${OVERRIDES[@]}")" || exit 2
   read -r ON_CPU PREREQS <<< "$INFO"
   if [ "$ON_CPU" != "true" ] && [ "${LENS_ALLOW_CPU:-0}" != "1" ]; then
     echo "[launch] no GPU found and $RECIPE is a GPU recipe (train.use_cpu is not true): stopping." >&2
     echo "[launch] Use a CPU recipe (configs/recipes/tiny/), or run it on the CPU anyway with LENS_ALLOW_CPU=1 and train.use_cpu=true." >&2
     exit 2
   fi
-  [ "$PREREQS" = "true" ] && bash scripts/tiny_prereqs.sh "$STAGE"
+  [ "$PREREQS" = "quickstart" ] && bash scripts/tiny_prereqs.sh "$STAGE"
+  [ "$PREREQS" = "synthetic" ] && $PY tools/make_synthetic_data.py --out data/synthetic --seed 0  # as eval.sh makes it
   NPROC="${GPUS_PER_NODE:-1}"
   echo "[launch] no GPU found: $RECIPE on $NNODES node(s) x $NPROC CPU process(es)"
   if [ "$NPROC" -eq 1 ] && [ "$NNODES" -eq 1 ]; then
