@@ -153,6 +153,10 @@ def test_stage1_starts_from_a_base_instruct_folder_and_a_sam2_file(tiny, tmp_pat
         assert torch.equal(ours[k], v), k  # every language / vision weight came from the base folder
     for k, v in started.sam.state_dict().items():
         assert torch.equal(v, sam_ref[k]), k
+    # without a SAM2 file the error names the file of the asked variant and where Meta publishes it
+    with pytest.raises(ValueError, match=r"sam_checkpoint='path/to/sam2\.1_hiera_tiny\.pt' \(sam2\.1_hiera_tiny\.pt from "
+                       r"the hub repository facebook/sam2\.1-hiera-tiny"):
+        LensForConditionalGeneration.from_pretrained(tmp_path / "base", **{**lens_fields, "sam_variant": "sam2.1_hiera_t"})
 
 
 def test_stock_view_and_reference_model_are_the_familys_stock_class(tiny, make_batch, tmp_path):

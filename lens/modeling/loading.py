@@ -14,7 +14,7 @@ from safetensors.torch import save_file
 
 from .config import LensConfig, lens_config_class
 from .families import Family, family_for_model_type, family_of, get_family
-from .sam import build_sam, load_sam_checkpoint
+from .sam import SAM2_CHECKPOINT_FILES, build_sam, hub_location, load_sam_checkpoint
 from .zero3 import gathered
 
 logger = logging.getLogger(__name__)
@@ -98,8 +98,9 @@ def finish_from_pretrained(model, kind: str, missing: set[str], sam_checkpoint: 
     missing_sam = sorted(k for k in missing if k.startswith("sam."))
     if kind == "qwen" and sam_checkpoint is None:
         raise ValueError(
-            "a base Qwen-VL folder has no SAM2 weights: pass sam_checkpoint='path/to/sam2_hiera_large.pt' "
-            "(or sam_checkpoint=False to start from a randomly initialised SAM2). " + WEIGHTS_HELP
+            f"a base Qwen-VL folder has no SAM2 weights: pass sam_checkpoint='path/to/"
+            f"{SAM2_CHECKPOINT_FILES[model.config.sam_variant]}' ({hub_location(model.config.sam_variant)}; "
+            "or sam_checkpoint=False to start from a randomly initialised SAM2). " + WEIGHTS_HELP
         )
     if missing_sam or sam_checkpoint:
         cfg = model.config
