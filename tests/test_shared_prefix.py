@@ -1,0 +1,158 @@
+"""Shared-prefix forwards give the unshared forwards' numbers (log-probs, entropies, query states, masks,
+gradients) for both query position modes, left-padded prompts, completions of different lengths, G = 1 and 8."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+from lens.modeling import LensForConditionalGeneration
+from lens.modeling.shared_prefix import packed_layout, prefix_groups, shared_reference_log_probs
+from lens.prompts import build_messages
+
+
+@pytest.fixture(scope="module")
+def model(tiny_checkpoint):
+    return LensForConditionalGeneration.from_pretrained(tiny_checkpoint).eval()
+
+
+@pytest.fixture(scope="module")
+def processor(tiny_checkpoint):
+    from transformers import AutoProcessor
+
+    return AutoProcessor.from_pretrained(tiny_checkpoint)
+
+
+def group_batch(processor, prompts: int = 2, g: int = 8, seed: int = 0, max_new: int = 9):
+    """`prompts` groups of `g` rollouts: images of different sizes and questions of different lengths (so the
+    prompts are left padded), completions of random lengths (right padded, eos-terminated).
+    Returns the batch (B = prompts x g rows), the prompt length P, each row's image (B,) and SAM images."""
+    rng = np.random.default_rng(seed)
+    from PIL import Image
+
+    images = [Image.fromarray(rng.integers(0, 255, (56 + 28 * i, 84, 3), dtype=np.uint8)) for i in range(prompts)]
+    texts = [processor.apply_chat_template(build_messages("the red circle" + " left" * (3 * i)),
+                                           add_generation_prompt=True, tokenize=False) for i in range(prompts)]
+    enc = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+    tok = processor.tokenizer
+    patches = enc["image_grid_thw"].prod(-1).tolist()
+    per_image = torch.split(enc["pixel_values"], patches)
+    rows = torch.arange(prompts).repeat_interleave(g)
+    lengths = rng.integers(1, max_new + 1, size=prompts * g)
+    vocab = len(tok) - 64
+    comp = torch.full((prompts * g, max_new + 1), tok.pad_token_id)
+    comp_mask = torch.zeros_like(comp)
+    for r, n in enumerate(lengths):  # test data only
+        comp[r, :n] = torch.from_numpy(rng.integers(10, vocab, size=n))
+        comp[r, n] = tok.eos_token_id
+        comp_mask[r, : n + 1] = 1
+    batch = dict(
+        input_ids=torch.cat([enc["input_ids"][rows], comp], 1),
+        attention_mask=torch.cat([enc["attention_mask"][rows], comp_mask], 1),
+        pixel_values=torch.cat([per_image[r] for r in rows.tolist()]),
+        image_grid_thw=enc["image_grid_thw"][rows],
+    )
+    sam = torch.from_numpy(rng.integers(0, 255, (prompts, 3, 256, 256), dtype=np.uint8))
+    return batch, enc["input_ids"].shape[1], rows, sam
+
+
+def labels_of(batch, p):
+    labels = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    labels[:, :p] = -100
+    return labels
+
+
+def run(model, batch, p, rows, features, shared: bool):
+    extra = {}
+    if shared:
+        extra = dict(prefix_groups=prefix_groups(batch["input_ids"][:, :p], batch["attention_mask"][:, :p], rows),
+                     prefix_length=p)
+    return model(**batch, labels=labels_of(batch, p), append_queries=True, sam_features=features,
+                 sam_image_index=rows, **extra)
+
+
+def test_layout_masks_other_suffixes_and_padding():
+    layout = packed_layout(torch.tensor([0, 0, 1]), prefix_length=3, suffix_width=2)  # head 2, 2 slots
+    assert layout.length == 6 and layout.slots == 2
+    assert layout.suffix_positions().tolist() == [[2, 3], [4, 5], [2, 3]]
+    allowed = layout.allowed(torch.tensor([[0, 1], [0, 1], [1, 1]]), torch.ones(3, 2, dtype=torch.long))[:, 0]
+    # group 0: suffix 2 (positions 4, 5) sees the valid prefix token 1 and itself, not suffix 1 nor the padding
+    assert allowed[0, 5].tolist() == [False, True, False, False, True, True]
+    assert allowed[0, 3].tolist() == [False, True, True, True, False, False]
+    assert allowed[0, 0].tolist() == [True, False, False, False, False, False]  # padding: itself only
+    # group 1 has one row: no real token sees its unused slot (which itself sees the prefix and itself)
+    assert not allowed[1, :4, 4:].any() and allowed[1, 4].tolist() == [True, True, False, False, True, False]
+
+
+@pytest.mark.parametrize("mode", ["upstream", "mrope"])
+@pytest.mark.parametrize("g", [1, 8])
+def test_shared_equals_unshared_fp32(model, processor, mode, g, one_thread):
+    model = copy.deepcopy(model)
+    model.config.query_position_mode = mode
+    batch, p, rows, sam = group_batch(processor, prompts=2, g=g)
+    assert (batch["attention_mask"][:, :p] == 0).any()  # left padding is exercised
+    assert len(set(batch["attention_mask"][:, p:].sum(1).tolist())) > 1 or g == 1  # completions of different lengths
+    with torch.no_grad():
+        features = model.encode_sam_images(sam)
+    outs, grads = [], []
+    for shared in (False, True):
+        model.zero_grad()
+        out = run(model, batch, p, rows, features, shared)
+        w = torch.linspace(-1, 1, out.log_probs.shape[1])
+        loss = (out.log_probs * w).sum() + out.entropy.sum() + out.mask_logits.mean() + out.query_states.square().mean()
+        loss.backward()
+        outs.append(out)
+        grads.append({n: prm.grad.clone() for n, prm in model.named_parameters() if prm.grad is not None})
+    a, b = outs
+    keep = labels_of(batch, p)[:, 1:] != -100
+    assert keep.any()
+    torch.testing.assert_close(b.log_probs[keep], a.log_probs[keep], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(b.entropy[keep], a.entropy[keep], atol=2e-5, rtol=1e-5)
+    assert (b.log_probs[~keep] == 0).all()
+    torch.testing.assert_close(b.query_states, a.query_states, atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(b.mask_logits, a.mask_logits, atol=1e-4, rtol=1e-4)
+    assert grads[0].keys() == grads[1].keys()
+    assert any(k.startswith("model.visual") for k in grads[0])  # the gradient reaches the vision tower
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_shared_equals_unshared_bf16(model, processor, one_thread):
+    model = copy.deepcopy(model).to(torch.bfloat16)
+    batch, p, rows, _ = group_batch(processor, prompts=2, g=4, seed=1)
+    batch["pixel_values"] = batch["pixel_values"].to(torch.bfloat16)
+    with torch.no_grad():
+        a, b = (run(model, batch, p, rows, None, shared) for shared in (False, True))
+    keep = labels_of(batch, p)[:, 1:] != -100
+    torch.testing.assert_close(b.log_probs[keep], a.log_probs[keep], atol=5e-2, rtol=5e-2)
+    torch.testing.assert_close(b.query_states.float(), a.query_states.float(), atol=5e-2, rtol=5e-2)
+
+
+def test_shared_prefix_rejects_rows_that_differ(model, processor):
+    batch, p, rows, _ = group_batch(processor, prompts=2, g=2)
+    groups = torch.zeros(4, dtype=torch.long)  # claims both prompts are one group
+    with pytest.raises(ValueError, match="prefix_groups"):
+        model(**batch, labels=labels_of(batch, p), append_queries=True, prefix_groups=groups, prefix_length=p)
+
+
+@pytest.mark.parametrize("with_types", [True, False])
+def test_shared_reference_log_probs(model, processor, with_types, one_thread):
+    from trl.trainer.utils import add_fused_lm_head
+
+    from lens.training.grpo import build_reference_model
+
+    ref = build_reference_model(model)
+    add_fused_lm_head(ref)
+    batch, p, rows, _ = group_batch(processor, prompts=2, g=8, seed=2)
+    c = batch["input_ids"].shape[1] - p
+    mm = (batch["input_ids"] == model.config.image_token_id).int() if with_types else None
+    extra = {"mm_token_type_ids": mm} if with_types else {}
+    with torch.no_grad():
+        plain = ref(**batch, labels=labels_of(batch, p), fused_lm_head=True, **extra).log_probs[:, -c:]
+        groups = prefix_groups(batch["input_ids"][:, :p], batch["attention_mask"][:, :p], rows)
+        shared = shared_reference_log_probs(ref, ref, batch["input_ids"], batch["attention_mask"], c, groups,
+                                            batch["pixel_values"], batch["image_grid_thw"], mm)
+    torch.testing.assert_close(shared, plain, atol=2e-5, rtol=1e-5)
