@@ -4,6 +4,7 @@ gradients) for both query position modes, left-padded prompts, completions of di
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -12,6 +13,8 @@ import torch
 from lens.modeling import LensForConditionalGeneration
 from lens.modeling.shared_prefix import packed_layout, prefix_groups, shared_reference_log_probs
 from lens.prompts import build_messages
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "recipes" / "tiny"
 
 
 @pytest.fixture(scope="module")
@@ -156,3 +159,117 @@ def test_shared_reference_log_probs(model, processor, with_types, one_thread):
         shared = shared_reference_log_probs(ref, ref, batch["input_ids"], batch["attention_mask"], c, groups,
                                             batch["pixel_values"], batch["image_grid_thw"], mm)
     torch.testing.assert_close(shared, plain, atol=2e-5, rtol=1e-5)
+
+
+# ---------------------------------------------------------------------- the trainer: shared vs unshared, one pass vs two
+G = 4
+
+
+@pytest.fixture(scope="module")
+def grpo_trainer(synthetic_root, tiny_checkpoint, tmp_path_factory):
+    from lens.training.recipe import build_trainer, load_recipe
+
+    out = tmp_path_factory.mktemp("grpo_shared")
+    recipe = load_recipe(TINY / "stage2.yaml", [
+        f"data.root={synthetic_root}", f"model.init={tiny_checkpoint}", f"train.output_dir={out}",
+        "train.report_to=none", "train.max_steps=1", "grpo.max_completion_length=10", "train.disable_tqdm=true",
+        f"grpo.num_generations={G}", f"train.per_device_train_batch_size={2 * G}", "grpo.beta=0.04",
+    ])
+    trainer = build_trainer(recipe)
+    trainer.model.train()
+    trainer.current_gradient_accumulation_steps = 1  # set by the training loop; we call the pieces directly
+    data = trainer.train_dataset
+    first = dict(data[0])
+    second = next(dict(data[i]) for i in range(1, len(data)) if data[i]["image_id"] != first["image_id"])
+    return trainer, [first, second]
+
+
+def generate(trainer, prompts, shared: bool, single: bool = False):
+    trainer.shared_prefix, trainer.single_pass_rewards = shared, single
+    rows = [dict(prompts[i // G]) for i in range(2 * G)]
+    torch.manual_seed(0)
+    return trainer._generate_and_score_completions(rows), rows
+
+
+def loss_and_grads(trainer, inputs):
+    from lens.training.grpo import lens_module
+
+    model = trainer.model
+    model.zero_grad(set_to_none=True)
+    loss = trainer._compute_loss(model, inputs)
+    loss.backward()
+    grads = {n: p.grad.clone() for n, p in lens_module(model).named_parameters() if p.grad is not None}
+    model.zero_grad(set_to_none=True)
+    return loss.detach(), grads
+
+
+def test_trainer_shared_prefix_equals_unshared(grpo_trainer, one_thread):
+    trainer, prompts = grpo_trainer
+    plain, plain_rows = generate(trainer, prompts, shared=False)
+    shared, shared_rows = generate(trainer, prompts, shared=True)
+    torch.testing.assert_close(shared["completion_ids"], plain["completion_ids"], rtol=0, atol=0)
+    assert [r["mask_iou"] for r in shared_rows] == pytest.approx([r["mask_iou"] for r in plain_rows], abs=1e-5)
+    torch.testing.assert_close(shared["ref_per_token_logps"], plain["ref_per_token_logps"], atol=2e-5, rtol=1e-5)
+    torch.testing.assert_close(shared["advantages"], plain["advantages"], atol=1e-4, rtol=1e-4)
+    trainer.shared_prefix = False
+    loss_a, grads_a = loss_and_grads(trainer, shared)  # the latest SAM feature bank is the shared batch's
+    trainer.shared_prefix = True
+    loss_b, grads_b = loss_and_grads(trainer, shared)
+    trainer.shared_prefix = False
+    assert loss_b.item() == pytest.approx(loss_a.item(), rel=1e-5, abs=1e-6)
+    assert grads_a.keys() == grads_b.keys() and len(grads_a) > 10
+    for name in grads_a:
+        torch.testing.assert_close(grads_b[name], grads_a[name], atol=1e-6, rtol=1e-3, msg=name)
+
+
+def test_single_pass_rewards_equal_two_passes(grpo_trainer, one_thread):
+    trainer, prompts = grpo_trainer
+    scored = []
+    score = trainer._score_masks
+    trainer._score_masks = lambda *a, **k: scored.append(1) or score(*a, **k)
+    try:
+        two, _ = generate(trainer, prompts, shared=True)
+        assert len(scored) == 1
+        one, _ = generate(trainer, prompts, shared=True, single=True)
+        assert len(scored) == 1  # no scoring forward in the single-pass flow
+    finally:
+        del trainer._score_masks
+    torch.testing.assert_close(one["completion_ids"], two["completion_ids"], rtol=0, atol=0)
+    two["sam_bank"] = one["sam_bank"]  # same images: the latest bank holds their features
+    trainer.single_pass_rewards = False
+    loss_two, grads_two = loss_and_grads(trainer, dict(two))
+    one = dict(one)
+    without_masks = one["advantages"].clone()  # generation's advantages leave the mask reward out
+    assert not torch.allclose(without_masks, two["advantages"], atol=1e-3)  # so the mask reward matters here
+    trainer.single_pass_rewards = True
+    try:
+        loss_one, grads_one = loss_and_grads(trainer, one)  # writes the advantages into `one`
+    finally:
+        trainer.shared_prefix = trainer.single_pass_rewards = False
+    torch.testing.assert_close(one["advantages"], two["advantages"], atol=1e-4, rtol=1e-4)
+    assert two["advantages"].abs().sum() > 0
+    assert loss_one.item() == pytest.approx(loss_two.item(), rel=1e-5, abs=1e-6)
+    for name in grads_two:
+        torch.testing.assert_close(grads_one[name], grads_two[name], atol=1e-6, rtol=1e-3, msg=name)
+
+
+def test_shuffle_groups_moves_whole_groups():
+    from lens.training.shared_grpo import shuffle_groups
+
+    torch.manual_seed(3)
+    batch = {"prompt_ids": torch.arange(12)[:, None].repeat(1, 2), "names": [f"r{i}" for i in range(12)], "n": 5}
+    out = shuffle_groups(batch, 4)
+    rows = out["prompt_ids"][:, 0]
+    assert sorted(rows.tolist()) == list(range(12))
+    assert (rows.view(3, 4) // 4 == (rows.view(3, 4)[:, :1] // 4)).all()  # each run of 4 is one group, in order
+    assert (rows.view(3, 4) % 4 == torch.arange(4)).all()
+    assert out["names"] == [f"r{i}" for i in rows.tolist()] and out["n"] == 5
+
+
+def test_single_pass_rewards_names_what_it_needs(tiny_recipe):
+    from lens.training.recipe import build_trainer
+
+    recipe = tiny_recipe("stage2", "single_pass_rewards=true", "train.per_device_train_batch_size=3",
+                         "grpo.num_generations=3", "grpo.scale_rewards=batch", "train.max_steps=1")
+    with pytest.raises(ValueError, match="single_pass_rewards needs .*scale_rewards"):
+        build_trainer(recipe)
