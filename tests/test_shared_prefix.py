@@ -203,10 +203,16 @@ def loss_and_grads(trainer, inputs):
     return loss.detach(), grads
 
 
-def test_trainer_shared_prefix_equals_unshared(grpo_trainer, one_thread):
+def test_trainer_shared_prefix_equals_unshared(grpo_trainer, one_thread, monkeypatch):
+    from lens.modeling import shared_generation
+
     trainer, prompts = grpo_trainer
     plain, plain_rows = generate(trainer, prompts, shared=False)
+    used = []
+    real = shared_generation.shared_prefill_generate
+    monkeypatch.setattr(shared_generation, "shared_prefill_generate", lambda *a, **k: used.append(1) or real(*a, **k))
     shared, shared_rows = generate(trainer, prompts, shared=True)
+    assert used == [1]  # the generation prefilled each prompt once
     torch.testing.assert_close(shared["completion_ids"], plain["completion_ids"], rtol=0, atol=0)
     assert [r["mask_iou"] for r in shared_rows] == pytest.approx([r["mask_iou"] for r in plain_rows], abs=1e-5)
     torch.testing.assert_close(shared["ref_per_token_logps"], plain["ref_per_token_logps"], atol=2e-5, rtol=1e-5)
@@ -273,3 +279,48 @@ def test_single_pass_rewards_names_what_it_needs(tiny_recipe):
                          "grpo.num_generations=3", "grpo.scale_rewards=batch", "train.max_steps=1")
     with pytest.raises(ValueError, match="single_pass_rewards needs .*scale_rewards"):
         build_trainer(recipe)
+
+
+# ---------------------------------------------------------------------- generation: each prompt prefilled once
+def generation_inputs(processor, prompts: int = 2, g: int = 4, seed: int = 4):
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    images = [Image.fromarray(rng.integers(0, 255, (56 + 28 * i, 84, 3), dtype=np.uint8)) for i in range(prompts)]
+    texts = [processor.apply_chat_template(build_messages("the red circle" + " left" * (3 * i)),
+                                           add_generation_prompt=True, tokenize=False) for i in range(prompts)]
+    enc = processor(text=texts, images=images, padding=True, padding_side="left", return_tensors="pt")
+    rows = torch.arange(prompts).repeat_interleave(g)
+    per_image = torch.split(enc["pixel_values"], enc["image_grid_thw"].prod(-1).tolist())
+    inputs = dict(input_ids=enc["input_ids"][rows], attention_mask=enc["attention_mask"][rows],
+                  pixel_values=torch.cat([per_image[r] for r in rows.tolist()]),
+                  image_grid_thw=enc["image_grid_thw"][rows], mm_token_type_ids=enc["mm_token_type_ids"][rows])
+    assert (inputs["attention_mask"] == 0).any()
+    return inputs, rows
+
+
+@pytest.mark.parametrize("sample", [False, True])
+def test_shared_prefill_generation_equals_plain(model, processor, sample, one_thread):
+    from lens.modeling.shared_generation import shared_prefill_generate
+
+    inputs, rows = generation_inputs(processor)
+    kwargs = dict(max_new_tokens=8, do_sample=sample, temperature=1.5, top_k=0, top_p=1.0, output_scores=True,
+                  return_dict_in_generate=True, pad_token_id=processor.tokenizer.pad_token_id)
+    calls = []
+    hook = model.register_forward_pre_hook(lambda m, a, k: calls.append(tuple(k["input_ids"].shape)), with_kwargs=True)
+    try:
+        torch.manual_seed(0)
+        plain = model.generate(**inputs, **kwargs)
+        n_plain = len(calls)
+        torch.manual_seed(0)
+        shared = shared_prefill_generate(model, model.generate, rows, **inputs, **kwargs)
+    finally:
+        hook.remove()
+    prefill = calls[n_plain]
+    assert prefill == (2, inputs["input_ids"].shape[1] - 1)  # one prefill row per distinct prompt
+    assert calls[n_plain + 1] == (8, 1)  # then every row continues from its last prompt token
+    torch.testing.assert_close(shared.sequences, plain.sequences, rtol=0, atol=0)
+    for a, b in zip(shared.scores, plain.scores):
+        finite = torch.isfinite(b)
+        assert torch.equal(finite, torch.isfinite(a))
+        torch.testing.assert_close(a[finite], b[finite], atol=1e-4, rtol=1e-4)

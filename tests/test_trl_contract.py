@@ -32,6 +32,9 @@ OVERRIDES: dict[tuple[type, type], dict[str, tuple[str, ...]]] = {
         ),
         "_compute_loss": ("self", "model", "inputs"),
         "_prepare_inputs": ("self", "generation_batch"),  # lens/training/shared_grpo.py: whole-group micro-batches
+        "_generate_single_turn": (  # lens/training/shared_grpo.py: each group's prompt prefilled once
+            "self", "prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images",
+        ),
     },
     (LensVLLMGeneration, VLLMGeneration): {
         "_init_vllm": ("self",),

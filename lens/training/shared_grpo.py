@@ -21,6 +21,7 @@ from __future__ import annotations
 import torch
 from trl.trainer.utils import nanstd, split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
 
+from lens.distinct import distinct_index
 from lens.losses import mask_iou_from_logits
 from lens.modeling.shared_prefix import prefix_groups, shared_reference_log_probs
 
@@ -148,3 +149,29 @@ class SharedPrefixMixin:
         for i, name in enumerate(self.reward_func_names):
             metrics[f"single_pass/rewards/{name}/mean"].append(self.accelerator.gather(table[:, i]).nanmean().item())
         return torch.nan_to_num(advantages, nan=0.0)
+
+    # ------------------------------------------------------------------ generation: each prompt prefilled once
+    def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
+        plain = (not self.shared_prefix or self.use_vllm or self.use_transformers_continuous_batching
+                 or has_tool_images or self._gen_rows is None or len(prompt_ids) != len(self._gen_rows))
+        if plain:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        import functools
+
+        from lens.modeling.shared_generation import shared_prefill_generate
+
+        unwrapped = self.accelerator.unwrap_model(self.model_wrapped)
+        _, groups = distinct_index([(int(i), tuple(p)) for i, p in zip(self._gen_rows.tolist(), prompt_ids)])
+        unwrapped.generate = functools.partial(shared_prefill_generate, unwrapped, type(unwrapped).generate.__get__(
+            unwrapped), groups)
+        try:
+            return super()._generate_single_turn(prompt_ids, images, multimodal_fields, num_generations,
+                                                 has_tool_images)
+        finally:
+            del unwrapped.generate
+
+    @property
+    def shared_generation(self) -> bool:
+        """Whether HF generation prefills each group's prompt once (with `shared_prefix`, without vLLM)."""
+        return self.shared_prefix and not self.use_vllm and not self.use_transformers_continuous_batching
