@@ -253,6 +253,9 @@ def test_single_pass_rewards_equal_two_passes(grpo_trainer, one_thread):
     finally:
         trainer.shared_prefix = trainer.single_pass_rewards = False
     torch.testing.assert_close(one["advantages"], two["advantages"], atol=1e-4, rtol=1e-4)
+    logged = trainer._metrics["train"]
+    for key in ("reward", "reward_std", "rewards/mask_iou/mean", "frac_reward_zero_std"):  # real figures, not blanks
+        assert logged[key][-1] == pytest.approx(logged[key][-2], rel=1e-4, abs=1e-6), key
     assert two["advantages"].abs().sum() > 0
     assert loss_one.item() == pytest.approx(loss_two.item(), rel=1e-5, abs=1e-6)
     for name in grads_two:
@@ -272,13 +275,17 @@ def test_shuffle_groups_moves_whole_groups():
     assert out["names"] == [f"r{i}" for i in rows.tolist()] and out["n"] == 5
 
 
-def test_single_pass_rewards_names_what_it_needs(tiny_recipe):
+def test_single_pass_rewards_fall_back_to_two_passes_naming_why(tiny_recipe, caplog):
     from lens.training.recipe import build_trainer
 
     recipe = tiny_recipe("stage2", "single_pass_rewards=true", "train.per_device_train_batch_size=3",
                          "grpo.num_generations=3", "grpo.scale_rewards=batch", "train.max_steps=1")
-    with pytest.raises(ValueError, match="single_pass_rewards needs .*scale_rewards"):
-        build_trainer(recipe)
+    with caplog.at_level("WARNING", logger="lens.training.shared_grpo"):
+        trainer = build_trainer(recipe)
+    assert trainer.single_pass_rewards is False
+    assert "two-pass flow" in caplog.text and "scale_rewards 'group' or 'none'" in caplog.text
+    ok = build_trainer(tiny_recipe("stage2", "single_pass_rewards=true", "train.max_steps=1"))
+    assert ok.single_pass_rewards is True
 
 
 # ---------------------------------------------------------------------- generation: each prompt prefilled once
@@ -324,3 +331,25 @@ def test_shared_prefill_generation_equals_plain(model, processor, sample, one_th
         finite = torch.isfinite(b)
         assert torch.equal(finite, torch.isfinite(a))
         torch.testing.assert_close(a[finite], b[finite], atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------------- 2-process ZeRO-3 on CPU
+@pytest.mark.slow
+def test_zero3_two_processes_shared_equals_unshared(synthetic_root, tiny_checkpoint, tmp_path):
+    """Two ranks under DeepSpeed ZeRO-3 (gloo, CPU): the same two logged losses and trained weights with and
+    without shared prefixes (steps_per_generation 1, so that both draw the same random numbers)."""
+    from test_cluster import STAGE2, ZERO3, launch, losses, zero_weights
+
+    script, recipe, *overrides = STAGE2
+    runs = {}
+    for shared in (False, True):
+        out = tmp_path / f"shared_{shared}"
+        launch(script, recipe, out, *overrides, ZERO3, "train.gradient_accumulation_steps=1",
+               f"grpo_shared_prefix={str(shared).lower()}", root=synthetic_root, init=tiny_checkpoint)
+        assert f"grpo_shared_prefix: {str(shared).lower()}" in (out / "config.yaml").read_text()
+        runs[shared] = (losses(out), zero_weights(out / "checkpoint-2"))
+    (loss_a, weights_a), (loss_b, weights_b) = runs[False], runs[True]
+    assert len(loss_a) == 2 and loss_b == pytest.approx(loss_a, rel=1e-5, abs=1e-6)
+    close = [torch.isclose(weights_b[k].float(), weights_a[k].float(), atol=1e-6, rtol=1e-4).float().mean().item()
+             for k in weights_a]
+    assert min(close) > 0.999, min(close)  # Adam's first steps are ~lr x sign(g): float noise may flip a few

@@ -121,8 +121,7 @@ class LensGRPOTrainer(SharedPrefixMixin, VLLMViewMixin, GroupLRMixin, GRPOTraine
         self.lr_multipliers = dict(lr_multipliers or {})
         self.needs_mask_iou = any(name in MASK_REWARDS for name in self.reward_func_names)
         self.shared_prefix, self.single_pass_rewards = shared_prefix, single_pass_rewards  # lens/training/shared_grpo.py
-        if single_pass_rewards:
-            self._check_single_pass()
+        self.single_pass_rewards = single_pass_rewards and self._check_single_pass()
         self._banks: dict[str, tuple[int, SamFeatures]] = {}  # mode -> (bank id, features of its images)
         self._next_bank = 0
         self._gen_rows: torch.Tensor | None = None  # row -> image of the generation batch being scored
@@ -176,6 +175,7 @@ class LensGRPOTrainer(SharedPrefixMixin, VLLMViewMixin, GroupLRMixin, GRPOTraine
         output["lens_group"] = torch.arange(len(rows), device=rows.device) // g  # rows of one GRPO group
         if self._single_pass_now:
             output["lens_rewards"] = self._lens_rewards
+            self._mark_single_pass_metrics(len(rows))
         output["target_masks"] = [torch.from_numpy(row["mask"] == 1).to(self.accelerator.device) for row in inputs]
         return output
 
@@ -246,7 +246,7 @@ class LensGRPOTrainer(SharedPrefixMixin, VLLMViewMixin, GroupLRMixin, GRPOTraine
                                            image_grid_thw=None, **kwargs):
         """Policy: the query forward of `model` (the same positions in every pass), in chunks of `batch_size`
         rows; the loss pass (inside `_compute_loss`) also decodes the masks. Reference: TRL's stock forward."""
-        if model is self.ref_model and self.shared_prefix:
+        if model is self.ref_model and self.shared_prefix and self._gen_rows is not None:
             logps = self._shared_reference_logps(model, input_ids, attention_mask, logits_to_keep, batch_size,
                                                  pixel_values, image_grid_thw, kwargs.get("mm_token_type_ids"))
             return logps, None, None

@@ -11,12 +11,14 @@
 - `single_pass_rewards`: the mask-IoU reward and the advantages come from the loss forward's own masks (as the
   original does); the no-grad scoring forward goes. Needs `num_iterations` 1 (old log-probs are then the loss
   pass's own, detached), micro-batches of whole groups and group-local advantages (`scale_rewards` group or none,
-  `multi_objective_aggregation` sum_then_normalize). At generation the mask rewards are NaN (TRL's nan-aware
-  reductions leave them out of what it logs there); the loss pass logs `single_pass/reward` and
-  `single_pass/rewards/<name>/mean` instead.
+  `multi_objective_aggregation` sum_then_normalize); elsewhere the two-pass flow runs (with a warning). At
+  generation the mask rewards are NaN; once the loss passes have seen the whole generation batch they write the
+  real `reward`, `reward_std`, `frac_reward_zero_std` and `rewards/<name>/mean|std` into the entries TRL logged.
 """
 
 from __future__ import annotations
+
+import logging
 
 import torch
 from trl.trainer.utils import nanstd, split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
@@ -26,6 +28,7 @@ from lens.losses import mask_iou_from_logits
 from lens.modeling.shared_prefix import prefix_groups, shared_reference_log_probs
 
 MASK_REWARDS = ("mask_iou", "mask_iou_linear")
+logger = logging.getLogger(__name__)
 
 
 def shuffle_groups(batch: dict, group_size: int) -> dict:
@@ -49,7 +52,8 @@ class SharedPrefixMixin:
     shared_prefix: bool = False
     single_pass_rewards: bool = False
 
-    def _check_single_pass(self) -> None:
+    def _check_single_pass(self) -> bool:
+        """Whether the single pass can give TRL's advantages here; logs what is missing where it cannot."""
         args = self.args
         need = {
             "num_iterations == 1": args.num_iterations == 1,
@@ -58,15 +62,15 @@ class SharedPrefixMixin:
             "scale_rewards 'group' or 'none'": self.scale_rewards in ("group", "none"),
             "multi_objective_aggregation 'sum_then_normalize'":
                 self.multi_objective_aggregation == "sum_then_normalize",
-            "vllm_importance_sampling_correction off (or no vLLM)":
-                not (self.use_vllm and self.vllm_importance_sampling_correction),
+            "no vLLM importance sampling": not (self.use_vllm and self.vllm_importance_sampling_correction),
+            "grpo_shared_prefix when steps_per_generation > 1 (whole-group micro-batches)":
+                args.steps_per_generation == 1 or self.shared_prefix,
         }
         missing = [k for k, ok in need.items() if not ok]
         if missing:
-            raise ValueError(f"single_pass_rewards needs {', '.join(missing)}")
-        if args.steps_per_generation > 1 and not self.shared_prefix:
-            raise ValueError("single_pass_rewards with steps_per_generation > 1 needs grpo_shared_prefix (whole-group "
-                             "micro-batches)")
+            logger.warning("single_pass_rewards: the two-pass flow (a scoring forward) runs instead; the single pass "
+                           "needs %s", ", ".join(missing))
+        return not missing
 
     @property
     def _single_pass_now(self) -> bool:
@@ -74,7 +78,7 @@ class SharedPrefixMixin:
 
     def _prefix_kwargs(self, input_ids, attention_mask, prefix_length: int, image_index) -> dict:
         """`prefix_groups`/`prefix_length` for a query forward of (B, P + C) rows (empty when sharing is off)."""
-        if not self.shared_prefix:
+        if not self.shared_prefix or image_index is None:  # without each row's image, equal tokens may hide two images
             return {}
         p = prefix_length
         return {"prefix_groups": prefix_groups(input_ids[:, :p], attention_mask[:, :p], image_index), "prefix_length": p}
@@ -94,8 +98,7 @@ class SharedPrefixMixin:
                 kwargs = dict(pixel_values=pixel_values[int(patches[:s].sum()):int(patches[:e].sum())],
                               image_grid_thw=image_grid_thw[s:e])
             mm = mm_token_type_ids[s:e] if mm_token_type_ids is not None else None
-            image = self._gen_rows[s:e] if self._gen_rows is not None else None
-            groups = prefix_groups(ids[:, :p], att[:, :p], image)
+            groups = prefix_groups(ids[:, :p], att[:, :p], self._gen_rows[s:e])
             with self.accelerator.autocast():
                 out.append(shared_reference_log_probs(model, inner, ids, att, logits_to_keep, groups, **kwargs,
                                                       mm_token_type_ids=mm))
@@ -144,11 +147,41 @@ class SharedPrefixMixin:
             std = nanstd(grouped, dim=1) if g > 1 else torch.zeros_like(grouped[:, 0])
             centred = centred / (std[:, None] + 1e-4)
         advantages = torch.empty_like(rewards).index_put_((order,), centred.flatten())
-        metrics = self._metrics[mode]
-        metrics["single_pass/reward"].append(self.accelerator.gather(rewards).nanmean().item())
-        for i, name in enumerate(self.reward_func_names):
-            metrics[f"single_pass/rewards/{name}/mean"].append(self.accelerator.gather(table[:, i]).nanmean().item())
+        zero_std = None
+        if self.scale_rewards != "none":
+            zero_std = torch.isclose(std, torch.zeros_like(std)).repeat_interleave(g)
+        self._log_single_pass(table, rewards, zero_std)
         return torch.nan_to_num(advantages, nan=0.0)
+
+    def _mark_single_pass_metrics(self, rows: int) -> None:
+        """After TRL logged a generation batch's rewards (mask rewards blank): remember where, so that the loss
+        passes of that batch write the real figures there once they have seen its `rows` rows."""
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        keys = ["reward", "reward_std", "frac_reward_zero_std"] + [
+            f"rewards/{n}/{s}" for n in self.reward_func_names for s in ("mean", "std")]
+        self._sp_log = {"slots": {k: len(metrics[k]) - 1 for k in keys if metrics.get(k)}, "rows": rows, "seen": []}
+
+    def _log_single_pass(self, table, rewards, zero_std) -> None:
+        log = getattr(self, "_sp_log", None)
+        if log is None:
+            return
+        log["seen"].append((table, rewards, zero_std))
+        if sum(t.shape[0] for t, _, _ in log["seen"]) < log["rows"]:
+            return
+        table = self.accelerator.gather(torch.cat([t for t, _, _ in log["seen"]]))
+        rewards = self.accelerator.gather(torch.cat([r for _, r, _ in log["seen"]]))
+        values = {"reward": torch.nanmean(rewards).item(), "reward_std": nanstd(rewards).item()}
+        if all(z is not None for _, _, z in log["seen"]):
+            zero = torch.cat([z for _, _, z in log["seen"]]).float()
+            values["frac_reward_zero_std"] = self.accelerator.gather(zero).mean().item()
+        for i, name in enumerate(self.reward_func_names):
+            values[f"rewards/{name}/mean"] = torch.nanmean(table[:, i]).item()
+            values[f"rewards/{name}/std"] = nanstd(table[:, i]).item()
+        metrics = self._metrics["train" if self.model.training else "eval"]
+        for key, slot in log["slots"].items():
+            if key in values and slot < len(metrics[key]):
+                metrics[key][slot] = values[key]
+        self._sp_log = None
 
     # ------------------------------------------------------------------ generation: each prompt prefilled once
     def _generate_single_turn(self, prompt_ids, images, multimodal_fields, num_generations, has_tool_images=False):
