@@ -350,6 +350,16 @@ def test_zero3_two_processes_shared_equals_unshared(synthetic_root, tiny_checkpo
         runs[shared] = (losses(out), zero_weights(out / "checkpoint-2"))
     (loss_a, weights_a), (loss_b, weights_b) = runs[False], runs[True]
     assert len(loss_a) == 2 and loss_b == pytest.approx(loss_a, rel=1e-5, abs=1e-6)
-    close = [torch.isclose(weights_b[k].float(), weights_a[k].float(), atol=1e-6, rtol=1e-4).float().mean().item()
-             for k in weights_a]
-    assert min(close) > 0.999, min(close)  # Adam's first steps are ~lr x sign(g): float noise may flip a few
+    from safetensors.torch import load_file
+
+    start = load_file(str(tiny_checkpoint / "model.safetensors"))
+    keys = sorted(k for k in weights_a if k in start)
+    assert len(keys) > 0.9 * len(weights_a)
+    step_a = torch.cat([(weights_a[k].float() - start[k].float()).flatten() for k in keys])
+    step_b = torch.cat([(weights_b[k].float() - start[k].float()).flatten() for k in keys])
+    assert step_a.abs().max() > 0  # the runs trained
+    # Adam's first steps are about lr x sign(g): where |g| is at float-noise level a sign may flip, elsewhere the
+    # updates agree
+    cosine = torch.nn.functional.cosine_similarity(step_a, step_b, dim=0).item()
+    same = torch.isclose(step_b, step_a, atol=1e-8, rtol=1e-3).float().mean().item()
+    assert cosine > 0.999 and same > 0.999, (cosine, same)
