@@ -363,3 +363,29 @@ def test_zero3_two_processes_shared_equals_unshared(synthetic_root, tiny_checkpo
     cosine = torch.nn.functional.cosine_similarity(step_a, step_b, dim=0).item()
     same = torch.isclose(step_b, step_a, atol=1e-8, rtol=1e-3).float().mean().item()
     assert cosine > 0.999 and same > 0.999, (cosine, same)
+
+
+def test_distinct_image_processing_gives_the_same_inputs(processor):
+    from PIL import Image
+
+    from lens.training.shared_grpo import DistinctImages, distinct_image_processing
+
+    rng = np.random.default_rng(5)
+    pics = [Image.fromarray(rng.integers(0, 255, (56 + 28 * i, 84, 3), dtype=np.uint8)) for i in range(2)]
+    rows = [{"image_id": f"i{r % 2}", "image": pics[r % 2].copy()} for r in range(6)]  # equal content, new objects
+    text = processor.apply_chat_template(build_messages("the red circle"), add_generation_prompt=True, tokenize=False)
+    plain = processor(text=[text] * 6, images=[[r["image"]] for r in rows], padding=True, return_tensors="pt")
+    calls = []
+    inner = processor.image_processor
+    with distinct_image_processing(processor, rows):
+        assert isinstance(processor.image_processor, DistinctImages)
+        assert rows[2]["image"] is rows[0]["image"] and rows[1]["image"] is not rows[0]["image"]
+        original = inner.__class__.__call__
+        inner.__class__.__call__ = lambda self, images, **k: calls.append(len(images)) or original(self, images, **k)
+        try:
+            shared = processor(text=[text] * 6, images=[[r["image"]] for r in rows], padding=True, return_tensors="pt")
+        finally:
+            inner.__class__.__call__ = original
+    assert processor.image_processor is inner and calls == [2]  # two distinct images processed, once each
+    for key in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw"):
+        torch.testing.assert_close(shared[key], plain[key], rtol=0, atol=0)

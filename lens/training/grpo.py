@@ -15,6 +15,7 @@ A thin subclass of `trl.GRPOTrainer`. What it changes:
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -29,7 +30,7 @@ from lens.losses import mask_iou_from_logits, segmentation_loss
 from lens.modeling.loading import LEGACY_KEY_MAPPING
 from lens.modeling.sam import SamFeatures
 from lens.training.data import unique_images
-from lens.training.shared_grpo import SharedPrefixMixin
+from lens.training.shared_grpo import SharedPrefixMixin, distinct_image_processing
 from lens.training.trainable import GroupLRMixin, prepare_model_for_training
 from lens.training.vllm import VLLMViewMixin
 
@@ -165,8 +166,10 @@ class LensGRPOTrainer(SharedPrefixMixin, VLLMViewMixin, GroupLRMixin, GRPOTraine
             features = self._policy_call(sam_images=sam_images.to(self.accelerator.device))
         self._banks[mode] = (bank, features)
         self._gen_rows = index.to(self.accelerator.device)
+        images = distinct_image_processing(self.processing_class, inputs) if self.shared_prefix else nullcontext()
         try:
-            output = super()._generate_and_score_completions(inputs)
+            with images:  # shared prefixes: each group's image preprocessed once
+                output = super()._generate_and_score_completions(inputs)
         finally:
             rows, self._gen_rows = self._gen_rows, None
         output["sam_image_index"] = rows

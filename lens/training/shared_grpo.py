@@ -18,8 +18,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 
+import numpy as np
 import torch
 from trl.trainer.utils import nanstd, split_pixel_values_by_grid, split_tensor_dict, unsplit_pixel_values_by_grid
 
@@ -208,3 +210,48 @@ class SharedPrefixMixin:
     def shared_generation(self) -> bool:
         """Whether HF generation prefills each group's prompt once (with `shared_prefix`, without vLLM)."""
         return self.shared_prefix and not self.use_vllm and not self.use_transformers_continuous_batching
+
+
+class DistinctImages:
+    """An image processor that processes each distinct image object of a call once (a GRPO group's G rows hold
+    the same object) and repeats its patches: the same `pixel_values` and `image_grid_thw` as the wrapped one."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+    def __call__(self, images, **kwargs):
+        from transformers.image_utils import make_flat_list_of_images
+
+        flat = make_flat_list_of_images(images)
+        first, index = distinct_index([id(image) for image in flat])
+        out = self.inner([flat[i] for i in first] if len(first) < len(flat) else images, **kwargs)
+        if len(first) == len(flat):
+            return out
+        grid, pixels = out["image_grid_thw"], out["pixel_values"]  # (N, 3), (sum of N images' patches, D)
+        starts = np.cumsum([0] + [int(x) for x in grid.prod(-1).tolist()])
+        pieces = [pixels[starts[i]:starts[i + 1]] for i in index.tolist()]
+        tensor = isinstance(pixels, torch.Tensor)
+        out["pixel_values"] = torch.cat(pieces) if tensor else np.concatenate(pieces)
+        out["image_grid_thw"] = grid[index] if isinstance(grid, torch.Tensor) else np.asarray(grid)[index.numpy()]
+        return out
+
+
+@contextlib.contextmanager
+def distinct_image_processing(processor, rows: list[dict]):
+    """Within the block, rows with the same `image_id` share one image object and `processor` processes it once."""
+    first: dict = {}
+    for row in rows:
+        if row.get("image") is not None and "image_id" in row:
+            row["image"] = first.setdefault(row["image_id"], row["image"])
+    inner = getattr(processor, "image_processor", None)
+    if inner is None or isinstance(inner, DistinctImages):
+        yield
+        return
+    processor.image_processor = DistinctImages(inner)
+    try:
+        yield
+    finally:
+        processor.image_processor = inner
