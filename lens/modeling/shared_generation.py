@@ -46,7 +46,8 @@ def shared_prefill_generate(model, generate, groups: torch.Tensor, input_ids: to
                     logits_to_keep=1, **prefill)
     cache = out.past_key_values
     cache.reorder_cache(index)  # (n, ...) -> (B, ...): row b gets its group's prefix
-    inner = getattr(model, "model", None)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT: the LENS model inside
+    inner = getattr(base, "model", None)
     if getattr(inner, "rope_deltas", None) is not None:
         inner.rope_deltas = inner.rope_deltas[index]
     return generate(input_ids=input_ids, attention_mask=attention_mask, past_key_values=cache, **kwargs)
