@@ -40,6 +40,33 @@ def test_training_flops_sums_sequences_and_images():
     assert flops.training_flops(FM, [], [], []) == 0
 
 
+def test_group_lm_flops_by_hand_shared_and_not():
+    # prefix 3, suffixes 2 and 1, 3 scored, fwd + bwd; L x d = 2 x 4 = 8
+    # shared: 6 tokens, attention 3^2 + (2*3*2 + 2^2) + (2*3*1 + 1^2) = 32: 3 * (2*100*6 + 2*20*3 + 2*8*32)
+    assert flops.group_lm_flops(FM, 3, [2, 1], 3, 3, shared=True) == 5496
+    # unshared: 5 + 4 tokens, attention 5^2 + 4^2 = 41: 3 * (2*100*9 + 2*20*3 + 2*8*41)
+    assert flops.group_lm_flops(FM, 3, [2, 1], 3, 3, shared=False) == 7728
+    assert flops.group_lm_flops(FM, 3, [2], 2, 3, shared=False) == flops.sequence_flops(FM, 5, 2)
+
+
+def test_phase_flops_per_flow_by_hand():
+    group = [{"prompt": 3, "comp": [2, 1], "grid": [1, 1, 2]}]  # image: 528 fwd + bwd (above), queries 2
+    shared = flops.phase_flops(FM, "shared", group, beta=0.04, single_pass=True)
+    fast = flops.phase_flops(FM, "fast", group, beta=0.04)
+    ref = flops.phase_flops(FM, "reference", group, beta=0.0)
+    # train, shared: 10 tokens, attention 9 + (24 + 16) + (18 + 9) = 76 -> 3 * (2000 + 120 + 1216), + 1 image
+    assert shared["train_fwd_bwd"] == 10008 + 528
+    # fast: 7 + 6 tokens, attention 49 + 36 -> 3 * (2600 + 120 + 1360), + 1 image (once per distinct image)
+    assert fast["train_fwd_bwd"] == 12240 + 528
+    assert ref["train_fwd_bwd"] == 2 * (12240 + 2 * 528)  # two query forwards with gradients, an image per row
+    assert shared["score_forward"] == 0 and ref["ref_forward"] == 0  # single pass; beta 0
+    # reference forward, fast: unshared, no queries, 3 scored, one image encoding per row (forward only: 528 / 3)
+    assert fast["ref_forward"] == flops.group_lm_flops(FM, 3, [2, 1], 3, 1, shared=False) + 2 * 176
+    assert shared["ref_forward"] == flops.group_lm_flops(FM, 3, [2, 1], 3, 1, shared=True) + 176
+    shared_gen = flops.phase_flops(FM, "shared", group, shared_generation=True)["generate"]
+    assert shared_gen == flops.group_lm_flops(FM, 3, [2, 1], 3, 1, shared=True) + 176 < fast["generate"]
+
+
 def test_mfu_by_hand():
     assert flops.mfu(2e12, 4.0, 1.0) == pytest.approx(0.5)  # 2 TFLOP in 4 s on a 1 TFLOP/s peak
 
@@ -117,6 +144,12 @@ def test_summarize_grpo_and_the_upstream_estimate():
     g = grpo_step.grpo_summary({"fast": fast, "reference": ref}, args)
     assert g["speedup"] == 2.0 and g["speedup_vs_upstream_estimate"] == pytest.approx(6.0 / 5.0)
     assert g["memory_ratio"] == 2.0
+    shared = {"step_s_median": 2.5, "memory": {"cuda_max_allocated_mib": 5.0}, "train_flops_per_step": 1e12}
+    ref["train_flops_per_step"] = 10e12
+    g = grpo_step.grpo_summary({"shared": shared, "fast": fast, "reference": ref}, args)
+    assert g["speedup_vs_upstream_estimate"] == pytest.approx(6.0 / 2.5)  # against this flow (shared)
+    assert g["speedup_fast_vs_upstream_estimate"] == pytest.approx(6.0 / 5.0) and g["speedup"] == 4.0
+    assert g["train_flops_vs_reference"] == pytest.approx(0.1) and g["train_flops_vs_reference_fast"] == pytest.approx(0.3)
 
 
 def test_summarize_eval_pools_rounds():
@@ -143,6 +176,23 @@ def test_options_defaults_and_the_worker_command(tmp_path):
 def test_options_are_checked():
     with pytest.raises(SystemExit):
         cli.parse_args(["--prompts", "3", "--generations", "3"])  # 9 rollouts, micro-batch 8
+
+
+def test_token_split_options(tmp_path):
+    args = cli.parse_args(["--image-tokens", "400", "--new-tokens", "60", "--generations", "8"])
+    assert (args.image_tokens, args.new_tokens, args.generations, args.queries) == (400, 60, 8, 64)
+    args.ckpt, args.data = tmp_path / "ckpt", tmp_path / "data"
+    s = grpo_step.grpo_settings(args, tmp_path / "out")
+    assert s["data.min_pixels"] == s["data.max_pixels"] == 400 * 28 * 28
+    cmd = cli.worker_command(args, "grpo:shared", tmp_path / "r.json")
+    worker = cli.parse_args(cmd[2:])
+    assert (worker.image_tokens, worker.queries) == (400, 64)
+    recipe = grpo_step.grpo_recipe(args, tmp_path / "out", "shared")
+    assert recipe["grpo_shared_prefix"] is True and recipe["single_pass_rewards"] is True
+    recipe = grpo_step.grpo_recipe(args, tmp_path / "out", "fast")
+    assert recipe["grpo_shared_prefix"] is False and recipe["single_pass_rewards"] is False
+    with pytest.raises(SystemExit):
+        cli.parse_args(["--image-tokens", "0"])
 
 
 def test_grpo_settings_fix_the_completion_length(tmp_path):

@@ -31,6 +31,10 @@ OVERRIDES: dict[tuple[type, type], dict[str, tuple[str, ...]]] = {
             "spatial_shapes", "num_tiles", "image_sizes", "token_type_ids", "mm_token_type_ids", "image_position_ids",
         ),
         "_compute_loss": ("self", "model", "inputs"),
+        "_prepare_inputs": ("self", "generation_batch"),  # lens/training/shared_grpo.py: whole-group micro-batches
+        "_generate_single_turn": (  # lens/training/shared_grpo.py: each group's prompt prefilled once
+            "self", "prompt_ids", "images", "multimodal_fields", "num_generations", "has_tool_images",
+        ),
     },
     (LensVLLMGeneration, VLLMGeneration): {
         "_init_vllm": ("self",),
@@ -40,7 +44,7 @@ OVERRIDES: dict[tuple[type, type], dict[str, tuple[str, ...]]] = {
 
 # private TRL methods and attributes that LENS calls or reads without overriding them
 CALLED = {VLLMGeneration: {"_fix_param_name_to_vllm": ("self", "name", "extra_prefixes")}}
-ATTRIBUTES = {GRPOTrainer: ("_metrics",), VLLMGeneration: ("_dist",)}  # set in __init__
+ATTRIBUTES = {GRPOTrainer: ("_metrics", "_step", "_buffered_inputs"), VLLMGeneration: ("_dist",)}  # set in __init__
 
 
 def lens_private_members(cls: type) -> dict[str, object]:

@@ -283,6 +283,8 @@ class LensMixin:
         share_vision: bool = True,
         per_sample_decoding: bool = False,
         append_queries: bool = False,
+        prefix_groups: torch.LongTensor | None = None,
+        prefix_length: int | None = None,
         **kwargs,
     ):
         """The one entry point of every LENS computation, so that DDP and DeepSpeed see each parameter inside
@@ -303,7 +305,7 @@ class LensMixin:
                 input_ids, attention_mask, pixel_values, image_grid_thw, sam_images=sam_images,
                 sam_features=sam_features, sam_image_index=sam_image_index, logits_to_keep=int(logits_to_keep),
                 return_logits=return_logits, labels=labels, temperature=temperature, share_vision=share_vision,
-                per_sample_decoding=per_sample_decoding,
+                per_sample_decoding=per_sample_decoding, prefix_groups=prefix_groups, prefix_length=prefix_length,
             )
         return super().forward(
             input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -328,6 +330,8 @@ class LensMixin:
         share_vision: bool = True,
         labels: torch.LongTensor | None = None,
         temperature: float = 1.0,
+        prefix_groups: torch.LongTensor | None = None,
+        prefix_length: int | None = None,
     ) -> LensOutput:
         """One pass over tokens + appended queries -> token scores, query states and masks.
 
@@ -338,22 +342,36 @@ class LensMixin:
         and `entropy` (B, L - 1; position j scores token j + 1) at `temperature` and their mean NLL as `loss`,
         without (B, L, V) logits; else, with `return_logits`, the logits of the last `logits_to_keep` positions (all
         when 0).
+        `prefix_groups` (B,) with `prefix_length` P: rows with equal ids share their first P tokens (prompt and
+        image), which then run once (lens/modeling/shared_prefix.py; same numbers); logits then cover positions
+        P - 1 on only, and `log_probs`/`entropy` are 0 before P - 1.
         Call it through `model(...)` (the wrapped model) when training: see `forward`.
         """
         if attention_mask is None:
             attention_mask = torch.ones_like(input_ids)
         q = self.config.num_of_query
-        shared = sam_image_index if share_vision else None
-        embeds, full_mask, position_ids, extras = self.query_inputs(
-            input_ids, attention_mask, pixel_values, image_grid_thw, shared
-        )
-        hidden = self.model.language_model(
-            inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids, use_cache=False, **extras
-        ).last_hidden_state  # (B, L + Q, H), after the final norm
-        text_hidden, query_states = hidden[:, :-q], hidden[:, -q:]
+        start = 0
+        if prefix_groups is not None:
+            from .shared_prefix import shared_query_hidden
+
+            start = prefix_length - 1  # text_hidden: positions P - 1 .. L - 1
+            text_hidden, query_states = shared_query_hidden(
+                self, input_ids, attention_mask, pixel_values, image_grid_thw, prefix_groups, prefix_length
+            )
+        else:
+            shared = sam_image_index if share_vision else None
+            embeds, full_mask, position_ids, extras = self.query_inputs(
+                input_ids, attention_mask, pixel_values, image_grid_thw, shared
+            )
+            hidden = self.model.language_model(
+                inputs_embeds=embeds, attention_mask=full_mask, position_ids=position_ids, use_cache=False, **extras
+            ).last_hidden_state  # (B, L + Q, H), after the final norm
+            text_hidden, query_states = hidden[:, :-q], hidden[:, -q:]
         out = LensOutput(query_states=query_states)
         if labels is not None:
-            out.log_probs, out.entropy, out.loss = token_log_probs(text_hidden, self.lm_head, labels, temperature)
+            out.log_probs, out.entropy, out.loss = token_log_probs(text_hidden, self.lm_head, labels[:, start:], temperature)
+            if start:
+                out.log_probs, out.entropy = (nn.functional.pad(t, (start, 0)) for t in (out.log_probs, out.entropy))
         elif return_logits:
             out.logits = self.lm_head(text_hidden[:, -logits_to_keep:] if logits_to_keep else text_hidden)
 

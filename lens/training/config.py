@@ -30,7 +30,7 @@ STAGES = ("warmup", "stage1", "stage2")
 SAM_VARIANTS = ("sam2_hiera_t", "sam2_hiera_s", "sam2_hiera_b+", "sam2_hiera_l",
                 "sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l")
 ANSWER_STYLES = ("grounding", "phrase", "json")  # lens/training/data.py target_answer
-STAGE2_ONLY = ("rewards", "lora", "grpo")
+STAGE2_ONLY = ("rewards", "lora", "grpo", "grpo_shared_prefix", "single_pass_rewards")
 SUPERVISED_ONLY = ("cache_sam_features",)  # warmup and stage 1
 LORA_TARGETS = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 LORA_MODULES_TO_SAVE = ["connector", "conv_1d", "proj_to_sam", "sam_mask_decoder", "sam_prompt_encoder"]
@@ -132,6 +132,10 @@ class Recipe:
     rewards: list[str] = field(default_factory=lambda: ["box_iou", "mask_iou"])  # stage 2, lens/rewards.py names
     lora: LoraSettings | None = None  # stage 2: None = full fine-tuning
     grpo: dict[str, Any] = field(default_factory=dict)  # stage 2: trl.GRPOConfig fields beyond TrainingArguments'
+    # stage 2 (lens/training/shared_grpo.py): run each group's prompt once in every forward (same numbers), and
+    # take the mask reward and advantages from the loss forward instead of a scoring forward
+    grpo_shared_prefix: bool = False
+    single_pass_rewards: bool = False
 
     @property
     def is_grpo(self) -> bool:

@@ -15,6 +15,7 @@ A thin subclass of `trl.GRPOTrainer`. What it changes:
 from __future__ import annotations
 
 import copy
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from lens.modeling.families import family_of
 from lens.modeling.loading import LEGACY_KEY_MAPPING
 from lens.modeling.sam import SamFeatures
 from lens.training.data import unique_images
+from lens.training.shared_grpo import SharedPrefixMixin, distinct_image_processing
 from lens.training.trainable import GroupLRMixin, prepare_model_for_training
 from lens.training.vllm import VLLMViewMixin
 
@@ -78,7 +80,7 @@ def build_reference_model(policy, init_path: str | Path | None = None):
     return ref.eval().requires_grad_(False)
 
 
-class LensGRPOTrainer(VLLMViewMixin, GroupLRMixin, GRPOTrainer):
+class LensGRPOTrainer(SharedPrefixMixin, VLLMViewMixin, GroupLRMixin, GRPOTrainer):
     """GRPO for LENS. Dataset rows: `prompt`, `image`, `box_llm`, `mask`, `sam_image`, `image_id`.
 
     Every LENS computation of the policy is a call of the (DDP/DeepSpeed-wrapped) model: SAM2 encoding, the
@@ -101,6 +103,8 @@ class LensGRPOTrainer(VLLMViewMixin, GroupLRMixin, GRPOTrainer):
         dice_weight: float = 1.0,
         reference_init: str | Path | None = None,
         lr_multipliers: dict[str, float] | None = None,
+        shared_prefix: bool = False,
+        single_pass_rewards: bool = False,
         **kwargs,
     ) -> None:
         config = kwargs["args"]
@@ -119,6 +123,8 @@ class LensGRPOTrainer(VLLMViewMixin, GroupLRMixin, GRPOTrainer):
         self.seg_weight, self.bce_weight, self.dice_weight = seg_weight, bce_weight, dice_weight
         self.lr_multipliers = dict(lr_multipliers or {})
         self.needs_mask_iou = any(name in MASK_REWARDS for name in self.reward_func_names)
+        self.shared_prefix, self.single_pass_rewards = shared_prefix, single_pass_rewards  # lens/training/shared_grpo.py
+        self.single_pass_rewards = single_pass_rewards and self._check_single_pass()
         self._banks: dict[str, tuple[int, SamFeatures]] = {}  # mode -> (bank id, features of its images)
         self._next_bank = 0
         self._gen_rows: torch.Tensor | None = None  # row -> image of the generation batch being scored
@@ -162,12 +168,19 @@ class LensGRPOTrainer(VLLMViewMixin, GroupLRMixin, GRPOTrainer):
             features = self._policy_call(sam_images=sam_images.to(self.accelerator.device))
         self._banks[mode] = (bank, features)
         self._gen_rows = index.to(self.accelerator.device)
+        images = distinct_image_processing(self.processing_class, inputs) if self.shared_prefix else nullcontext()
         try:
-            output = super()._generate_and_score_completions(inputs)
+            with images:  # shared prefixes: each group's image preprocessed once
+                output = super()._generate_and_score_completions(inputs)
         finally:
             rows, self._gen_rows = self._gen_rows, None
         output["sam_image_index"] = rows
         output["sam_bank"] = torch.full_like(rows, bank)
+        g = self.num_generations if mode == "train" else self.num_generations_eval
+        output["lens_group"] = torch.arange(len(rows), device=rows.device) // g  # rows of one GRPO group
+        if self._single_pass_now:
+            output["lens_rewards"] = self._lens_rewards
+            self._mark_single_pass_metrics(len(rows))
         output["target_masks"] = [torch.from_numpy(row["mask"] == 1).to(self.accelerator.device) for row in inputs]
         return output
 
@@ -183,6 +196,12 @@ class LensGRPOTrainer(VLLMViewMixin, GroupLRMixin, GRPOTrainer):
         return features.index(rows[first].to(features.image_embed.device)), local.to(rows.device)
 
     def _calculate_rewards(self, inputs, prompts, completions, completion_ids_list):
+        if self._single_pass_now:  # the mask rewards come from the loss pass (lens/training/shared_grpo.py)
+            for row in inputs:
+                row["mask_iou"] = float("nan")
+            table = super()._calculate_rewards(inputs, prompts, completions, completion_ids_list)
+            self._lens_rewards = self._single_pass_columns(table, len(inputs))
+            return table
         if self.needs_mask_iou:
             ious = self._score_masks(inputs, prompts, completion_ids_list)
             for row, value in zip(inputs, ious.tolist()):
@@ -209,12 +228,14 @@ class LensGRPOTrainer(VLLMViewMixin, GroupLRMixin, GRPOTrainer):
             comp = [torch.tensor(c, dtype=torch.long) for c in completion_ids_list[s : s + step]]
             comp_ids = pad(comp, padding_value=tok.pad_token_id, padding_side="right").to(device)
             comp_mask = pad([torch.ones_like(c) for c in comp], padding_value=0, padding_side="right").to(device)
+            ids = torch.cat([enc["input_ids"], comp_ids], 1)
+            att = torch.cat([enc["attention_mask"], comp_mask], 1)
+            index = self._gen_rows[s : s + step]
             with self.accelerator.autocast():
                 out = self._scoring_forward(
-                    input_ids=torch.cat([enc["input_ids"], comp_ids], 1),
-                    attention_mask=torch.cat([enc["attention_mask"], comp_mask], 1),
-                    pixel_values=enc["pixel_values"], image_grid_thw=enc["image_grid_thw"], sam_features=features,
-                    sam_image_index=self._gen_rows[s : s + step], return_logits=False,
+                    input_ids=ids, attention_mask=att, pixel_values=enc["pixel_values"],
+                    image_grid_thw=enc["image_grid_thw"], sam_features=features, sam_image_index=index,
+                    return_logits=False, **self._prefix_kwargs(ids, att, enc["input_ids"].shape[1], index),
                 )
             targets = [torch.from_numpy(r["mask"] == 1).to(device) for r in rows]
             ious.append(mask_iou_from_logits(out.mask_logits, targets))
@@ -230,6 +251,10 @@ class LensGRPOTrainer(VLLMViewMixin, GroupLRMixin, GRPOTrainer):
                                            image_grid_thw=None, **kwargs):
         """Policy: the query forward of `model` (the same positions in every pass), in chunks of `batch_size`
         rows; the loss pass (inside `_compute_loss`) also decodes the masks. Reference: TRL's stock forward."""
+        if model is self.ref_model and self.shared_prefix and self._gen_rows is not None:
+            logps = self._shared_reference_logps(model, input_ids, attention_mask, logits_to_keep, batch_size,
+                                                 pixel_values, image_grid_thw, kwargs.get("mm_token_type_ids"))
+            return logps, None, None
         if model is self.ref_model:  # stock Qwen2.5-VL with M-RoPE, as upstream's reference
             return super()._get_per_token_logps_and_entropies(
                 model, input_ids, attention_mask, logits_to_keep, batch_size, compute_entropy, compute_aux_loss,
@@ -252,6 +277,8 @@ class LensGRPOTrainer(VLLMViewMixin, GroupLRMixin, GRPOTrainer):
             labels = chunk["input_ids"].masked_fill(chunk["attention_mask"] == 0, -100)
             labels[:, :-logits_to_keep] = -100
             index = None if rows_image is None else rows_image[s:e]
+            chunk.update(self._prefix_kwargs(chunk["input_ids"], chunk["attention_mask"],
+                                             input_ids.shape[1] - logits_to_keep, index))
             log_probs, entropy, mask_logits = self._policy_chunk_forward(model, chunk, labels, features, index)
             logps.append(log_probs[:, -logits_to_keep:])
             entropies.append(entropy[:, -logits_to_keep:])
@@ -259,6 +286,8 @@ class LensGRPOTrainer(VLLMViewMixin, GroupLRMixin, GRPOTrainer):
                 masks.append(mask_logits)
         if loss_pass:
             self._mask_logits = torch.cat(masks)
+            if self._single_pass_now:
+                self._seg_inputs["advantages"] = self._single_pass_advantages(self._seg_inputs, self._mask_logits)
         return torch.cat(logps), torch.cat(entropies) if compute_entropy else None, None
 
     def _policy_chunk_forward(self, model, chunk: dict, labels, features: SamFeatures | None, index):

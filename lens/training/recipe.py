@@ -179,7 +179,8 @@ def build_trainer(recipe: Recipe | dict[str, Any], policy: tuple | None = None):
             train_dataset=grpo_dataset(dataset), processing_class=processor, peft_config=lora_config(recipe.lora),
             seg_weight=loss.seg_weight, bce_weight=loss.bce_weight, dice_weight=loss.dice_weight,
             reference_init=None if policy is not None or preset_name(str(init)) is not None else init,
-            lr_multipliers=lr_multipliers,
+            lr_multipliers=lr_multipliers, shared_prefix=recipe.grpo_shared_prefix,
+            single_pass_rewards=recipe.single_pass_rewards,
         )
     else:
         from lens.training.supervised import SupervisedLensTrainer

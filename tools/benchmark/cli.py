@@ -24,9 +24,9 @@ ENTRY = ROOT / "tools" / "benchmark.py"  # what the workers re-invoke
 # Per-preset defaults (a command-line value wins).
 PRESET_DEFAULTS: dict[str, dict[str, Any]] = {
     "tiny": dict(device="cpu", prompts=2, generations=4, micro_batch=8, new_tokens=64, eval_new_tokens=32,
-                 eval_exprs=32, image_size=160, steps=3, recipe="configs/recipes/tiny/stage2.yaml"),
+                 eval_exprs=32, image_size=160, steps=3, queries=64, recipe="configs/recipes/tiny/stage2.yaml"),
     "qwen2.5-vl-3b": dict(device="cuda", prompts=8, generations=8, micro_batch=8, new_tokens=64, eval_new_tokens=32,
-                          eval_exprs=64, image_size=480, steps=3, recipe="configs/recipes/stage2.yaml"),
+                          eval_exprs=64, image_size=480, steps=3, queries=64, recipe="configs/recipes/stage2.yaml"),
 }
 PARTS = ("grpo", "eval", "runner")
 DEFAULT_PARTS = ("grpo", "eval")
@@ -48,6 +48,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="rollouts per forward/backward (per_device_train_batch_size; gradient accumulation = "
                         "prompts x G / micro-batch; default 8)")
     p.add_argument("--new-tokens", type=int, help="fixed GRPO completion length (default 64)")
+    p.add_argument("--image-tokens", type=int,
+                   help="LM image tokens per GRPO prompt: the images are resized to about this many 28 x 28 px "
+                        "tokens (data.min_pixels = data.max_pixels; a 640 x 480 image gives ~390; default: the "
+                        "recipe's pixel limits)")
+    p.add_argument("--queries", type=int, help="context queries of the preset checkpoint (default 64, as the real model)")
     p.add_argument("--eval-batch", type=int, default=16, help="batched evaluation batch size (default 16)")
     p.add_argument("--eval-exprs", type=int, help="expressions per evaluation pass (default: tiny 32, 3b 64)")
     p.add_argument("--eval-new-tokens", type=int, help="fixed generated length in evaluation (default 32)")
@@ -86,6 +91,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     total = args.prompts * args.generations
     if total % args.micro_batch:
         p.error(f"prompts x G = {total} must be a multiple of --micro-batch {args.micro_batch}")
+    for name in ("image_tokens", "queries", "new_tokens", "generations"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     return args
 
 
@@ -120,7 +128,8 @@ def worker_main(args) -> int:
     return 0
 
 
-WORKER_OPTIONS = ("preset", "device", "steps", "prompts", "generations", "micro_batch", "new_tokens", "eval_batch",
+WORKER_OPTIONS = ("preset", "device", "steps", "prompts", "generations", "micro_batch", "new_tokens", "image_tokens",
+                  "queries", "eval_batch",
                   "eval_exprs", "eval_new_tokens", "eval_repeats", "recipe", "attn", "peak_tflops", "threads", "seed")
 
 
@@ -210,7 +219,7 @@ def prepare(args, work: Path) -> None:
     if args.ckpt is not None:  # the user's checkpoint
         return
     args.ckpt = work / f"ckpt_{args.preset}"
-    stamp = {"preset": args.preset, "seed": args.seed}
+    stamp = {"preset": args.preset, "seed": args.seed, "queries": args.queries}
     if not stamp_matches(args.ckpt, stamp):
         import torch
 
@@ -218,7 +227,7 @@ def prepare(args, work: Path) -> None:
 
         log(f"building the {args.preset} preset (random weights) into {args.ckpt}")
         dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
-        model, processor = build_preset(args.preset, seed=args.seed, dtype=dtype)
+        model, processor = build_preset(args.preset, seed=args.seed, dtype=dtype, num_of_query=args.queries)
         model.save_pretrained(args.ckpt)
         processor.save_pretrained(args.ckpt)
         del model

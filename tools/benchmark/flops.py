@@ -70,6 +70,63 @@ def training_flops(fm: dict[str, Any], seq_lens: Sequence[int], completion_lens:
     return total
 
 
+def group_lm_flops(fm: dict[str, Any], prefix: int, suffixes: Sequence[int], scored: int, factor: int,
+                   shared: bool) -> float:
+    """LM FLOPs of one GRPO group: a prefix of `prefix` real tokens (the prompt) and one suffix per rollout (its
+    completion, plus the queries where appended), `scored` LM-head positions; `factor` 1 for a forward, 3 for a
+    forward + backward. Unshared, every rollout runs prefix + suffix (as `sequence_flops`); shared, the prefix runs
+    once and each suffix attends to it and to itself: attention prefix^2 + sum(2 prefix s + s^2)."""
+    if shared:
+        tokens = prefix + sum(suffixes)
+        attn = prefix * prefix + sum(2 * prefix * s + s * s for s in suffixes)
+    else:
+        tokens = sum(prefix + s for s in suffixes)
+        attn = sum((prefix + s) ** 2 for s in suffixes)
+    width = fm["lm_layers"] * fm["lm_attn_width"]
+    return factor * (2 * fm["lm_params"] * tokens + 2 * fm["lm_head_params"] * scored + 2 * width * attn)
+
+
+# What each flow runs per GRPO group, by phase: (LM factor, queries appended, prefix shared, image encodings per group
+# = "group" or "row", ViT factor). None: the phase does not run. The reference flow's loss runs two query forwards
+# with gradients (masks, then log-probs).
+FLOW_PHASES: dict[str, dict[str, list[tuple[int, bool, bool, str, int]] | None]] = {
+    "reference": {"generate": [(1, False, False, "row", 1)], "score_forward": [(1, True, False, "row", 1)],
+                  "ref_forward": [(1, False, False, "row", 1)],
+                  "train_fwd_bwd": [(3, True, False, "row", 3), (3, True, False, "row", 3)]},
+    "fast": {"generate": [(1, False, False, "row", 1)], "score_forward": [(1, True, False, "group", 1)],
+             "ref_forward": [(1, False, False, "row", 1)], "train_fwd_bwd": [(3, True, False, "group", 3)]},
+    "shared": {"generate": [(1, False, False, "row", 1)], "score_forward": [(1, True, True, "group", 1)],
+               "ref_forward": [(1, False, True, "group", 1)], "train_fwd_bwd": [(3, True, True, "group", 3)]},
+}
+
+
+def phase_flops(fm: dict[str, Any], flow: str, groups: Sequence[dict[str, Any]], beta: float = 0.0,
+                single_pass: bool = False, shared_generation: bool = False) -> dict[str, float]:
+    """Counted FLOPs per phase of `flow` over GRPO groups, each {"prompt": real prompt tokens, "comp": [completion
+    lengths], "grid": the image's (t, h, w)}. Generation counts as one forward over prompt + completion (KV cache);
+    the scoring forward scores no token (masks only)."""
+    q = fm["queries"]
+    plan = dict(FLOW_PHASES[flow])
+    if beta == 0.0:
+        plan["ref_forward"] = None
+    if single_pass and flow == "shared":
+        plan["score_forward"] = None
+    if shared_generation:
+        plan["generate"] = [(1, False, True, "group", 1)]
+    out: dict[str, float] = {}
+    for phase, passes in plan.items():
+        total = 0.0
+        for factor, queries, shared, images, vit in passes or ():
+            for g in groups:
+                scored = 0 if phase == "score_forward" else sum(g["comp"])
+                suffixes = [c + (q if queries else 0) for c in g["comp"]]
+                total += group_lm_flops(fm, g["prompt"], suffixes, scored, factor, shared)
+                n_images = 1 if images == "group" else len(g["comp"])
+                total += n_images * image_flops(fm, g["grid"]) * vit / 3
+        out[phase] = total
+    return out
+
+
 def mfu(flops: float, seconds: float, peak_tflops: float) -> float:
     """Model FLOPs utilisation: flops / (seconds x peak)."""
     return flops / (seconds * peak_tflops * 1e12)

@@ -6,19 +6,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-from .flops import flop_model, mfu, training_flops
+from lens.config import set_dotted
+
+from .flops import flop_model, mfu, phase_flops
 from .timing import PhaseTimer, derived_phases, median, peak_memory, reset_peak_memory, sync
 
-GRPO_FLOWS = ("fast", "reference")
-
-
-def set_key(tree: dict, dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = tree
-    for k in keys[:-1]:
-        node = node.setdefault(k, {})
-    node[keys[-1]] = value
-
+# shared: grpo_shared_prefix + single_pass_rewards; fast: the product trainer without them; reference: the original's
+GRPO_FLOWS = ("shared", "fast", "reference")
+FLOW_SWITCHES = {"shared": True, "fast": False, "reference": False}
+PIXELS_PER_TOKEN = 28 * 28  # Qwen2.5-VL: one LM image token per 2 x 2 patches of 14 px
 
 def attn_choice(args) -> str:
     if args.device != "cuda":
@@ -61,21 +57,26 @@ def grpo_settings(args, out: Path) -> dict[str, Any]:
         "train.bf16": cuda,
         "train.dataloader_num_workers": 4 if cuda else 0,
     }
+    if getattr(args, "image_tokens", None):
+        settings["data.min_pixels"] = settings["data.max_pixels"] = args.image_tokens * PIXELS_PER_TOKEN
     if cuda:
         settings["model.attn_implementation"] = attn_choice(args)
         settings["train.gradient_checkpointing"] = not args.no_grad_ckpt
     return settings
 
 
-def grpo_recipe(args, out: Path) -> dict:
+def grpo_recipe(args, out: Path, flow: str = "fast") -> dict:
     from lens.training.recipe import load_recipe, parse_override
 
     recipe = load_recipe(args.recipe, [f"model.init={args.ckpt}"])
-    for key, value in grpo_settings(args, out).items():
-        set_key(recipe, key, value)
+    whole_groups = args.micro_batch % args.generations == 0  # single-pass rewards need whole-group micro-batches
+    settings = {**grpo_settings(args, out), "grpo_shared_prefix": FLOW_SWITCHES[flow],
+                "single_pass_rewards": FLOW_SWITCHES[flow] and whole_groups}
+    for key, value in settings.items():
+        set_dotted(recipe, key, value)
     for text in args.override:
         keys, value = parse_override(text)
-        set_key(recipe, ".".join(keys), value)
+        set_dotted(recipe, keys, value)
     return recipe
 
 
@@ -84,7 +85,7 @@ class TimedTrainerMixin:
     tokens and image grid for the FLOPs. Mixed in front of the trainer's class by `timed`."""
 
     bench_timer: PhaseTimer
-    bench_tokens: dict[str, list]
+    bench_groups: dict[int, dict]
 
     def _generate_and_score_completions(self, inputs):
         with self.bench_timer.phase("gen_and_score"):
@@ -107,17 +108,18 @@ class TimedTrainerMixin:
             return super()._get_per_token_logps_and_entropies(model, *args, **kwargs)
 
     def _compute_loss(self, model, inputs):
-        count_tokens(self.bench_tokens, inputs, self.bench_queries)
+        count_groups(self.bench_groups, inputs)
         with self.bench_timer.phase("loss_forward"):
             return super()._compute_loss(model, inputs)
 
 
-def count_tokens(acc: dict[str, list], inputs: dict, queries: int) -> None:
-    """Append each trained sequence's real length (prompt + completion + queries), completion length and grid."""
-    lens = (inputs["prompt_mask"].sum(1) + inputs["completion_mask"].sum(1) + queries).tolist()
-    acc["seq"].extend(int(x) for x in lens)
-    acc["comp"].extend(int(x) for x in inputs["completion_mask"].sum(1).tolist())
-    acc["grids"].extend(inputs["image_grid_thw"].tolist())
+def count_groups(acc: dict[int, dict], inputs: dict) -> None:
+    """Add a micro-batch's rollouts to their GRPO groups (`lens_group`): real prompt length, completion lengths,
+    image grid (the FLOPs of every phase are counted from these, per step)."""
+    prompts = inputs["prompt_mask"].sum(1).tolist()
+    comps = inputs["completion_mask"].sum(1).tolist()
+    for g, p, c, grid in zip(inputs["lens_group"].tolist(), prompts, comps, inputs["image_grid_thw"].tolist()):
+        acc.setdefault(int(g), {"prompt": int(p), "comp": [], "grid": grid})["comp"].append(int(c))
 
 
 def timed(trainer, timer: PhaseTimer, queries: int):
@@ -128,7 +130,7 @@ def timed(trainer, timer: PhaseTimer, queries: int):
     base = type(trainer)
     trainer.__class__ = type(f"Timed{base.__name__}", (TimedTrainerMixin, base), {})
     trainer.bench_timer, trainer.bench_queries = timer, queries
-    trainer.bench_tokens = {"seq": [], "comp": [], "grids": []}
+    trainer.bench_groups = {}
     policy = lens_module(trainer.model)
     policy.encode_sam_images = timer.wrap(policy.encode_sam_images, lambda *a, **k: "sam_encode")
     policy.masks_from_queries = timer.wrap(  # connector + SAM2 decoder in the loss (batched or per-sample loop)
@@ -143,7 +145,7 @@ def build_flow_trainer(args, flow: str, out: Path):
 
     from .reference_flow import ReferenceFlowTrainer
 
-    trainer = build_trainer(grpo_recipe(args, out))
+    trainer = build_trainer(grpo_recipe(args, out, flow))
     return ReferenceFlowTrainer.adopt(trainer) if flow == "reference" else trainer
 
 
@@ -158,7 +160,9 @@ def grpo_worker(args, flow: str) -> dict[str, Any]:
     timer = PhaseTimer(args.device)
     fm = flop_model(policy)
     timed(trainer, timer, fm["queries"])
-    step_tokens = trainer.bench_tokens
+    step_groups = trainer.bench_groups
+    counting = {"flow": flow, "beta": float(trainer.beta), "single_pass": bool(trainer.single_pass_rewards),
+                "shared_generation": bool(getattr(trainer, "shared_generation", False))}
     record: dict[str, Any] = {"steps": [], "reset_ok": False}
 
     class StepClock(TrainerCallback):
@@ -173,10 +177,9 @@ def grpo_worker(args, flow: str) -> dict[str, Any]:
             sync(args.device)
             now = time.perf_counter()
             phases = timer.take()
-            tokens = {key: list(v) for key, v in step_tokens.items()}
-            for v in step_tokens.values():
-                v.clear()
-            record["steps"].append({"time": now - self.last, "phases": phases, "tokens": tokens})
+            groups = list(step_groups.values())
+            step_groups.clear()
+            record["steps"].append({"time": now - self.last, "phases": phases, "groups": groups})
             if state.global_step == 1:  # end of the warm-up step
                 record["reset_ok"] = reset_peak_memory(args.device)
             sync(args.device)
@@ -187,7 +190,7 @@ def grpo_worker(args, flow: str) -> dict[str, Any]:
     return {
         "flow": flow,
         "warmup_step_s": record["steps"][0]["time"],
-        "steps": [step_record(fm, st) for st in record["steps"][1:]],
+        "steps": [step_record(fm, st, counting) for st in record["steps"][1:]],
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h],
         "flop_model": fm,
         "attn_implementation": getattr(policy.config, "_attn_implementation", None),
@@ -196,12 +199,15 @@ def grpo_worker(args, flow: str) -> dict[str, Any]:
     }
 
 
-def step_record(fm: dict[str, Any], st: dict[str, Any]) -> dict[str, Any]:
-    tok = st["tokens"]
-    return {"time": st["time"], "phases": st["phases"],
-            "flops": training_flops(fm, tok["seq"], tok["comp"], tok["grids"]),
-            "lm_tokens": sum(tok["seq"]), "completion_tokens": sum(tok["comp"]),
-            "vit_patches": sum(t * h * w for t, h, w in tok["grids"])}
+def step_record(fm: dict[str, Any], st: dict[str, Any], counting: dict[str, Any]) -> dict[str, Any]:
+    groups = st["groups"]
+    per_phase = phase_flops(fm, counting["flow"], groups, counting["beta"], counting["single_pass"],
+                            counting["shared_generation"])
+    comp = [c for g in groups for c in g["comp"]]
+    return {"time": st["time"], "phases": st["phases"], "flops": per_phase["train_fwd_bwd"], "phase_flops": per_phase,
+            "lm_tokens": sum(g["prompt"] * len(g["comp"]) for g in groups) + sum(comp) + fm["queries"] * len(comp),
+            "prompt_tokens": median([g["prompt"] for g in groups]), "completion_tokens": sum(comp),
+            "vit_patches": sum(len(g["comp"]) * t * h * w for g in groups for t, h, w in [g["grid"]])}
 
 
 def summarize_grpo(rounds: list[dict[str, Any]], args) -> dict[str, Any]:
@@ -225,6 +231,9 @@ def summarize_grpo(rounds: list[dict[str, Any]], args) -> dict[str, Any]:
         "completion_tokens_per_step": median([st["completion_tokens"] for st in steps]),
         "vit_patches_per_step": median([st["vit_patches"] for st in steps]),
         "train_flops_per_step": median(flops),
+        "phase_flops_per_step": {k: median([st["phase_flops"][k] for st in steps]) for k in steps[0]["phase_flops"]}
+        if steps and "phase_flops" in steps[0] else {},
+        "prompt_tokens_median": median([st.get("prompt_tokens") for st in steps if st.get("prompt_tokens")]),
         "train_fwd_bwd_tflops_per_s": median([f / t / 1e12 for f, t in zip(flops, fwd_bwd) if t > 0]),
         "flop_model": rounds[0]["flop_model"],
         "attn_implementation": rounds[0]["attn_implementation"],
@@ -252,13 +261,23 @@ def upstream_estimate(res: dict[str, Any]) -> float:
 
 
 def grpo_summary(res: dict[str, dict[str, Any]], args) -> dict[str, Any]:
-    """The `grpo` block of the JSON: both flows' summaries and the ratios."""
+    """The `grpo` block of the JSON: every flow's summary and the ratios. `speedup_vs_upstream_estimate` is the
+    estimated original step over this flow's (`shared`; today's `fast` when only fast and reference ran)."""
     from .timing import memory_figure
 
-    return {
+    ref, fast = res["reference"], res["fast"]
+    best = res.get("shared", fast)
+    out = {
         **res, "prompts": args.prompts, "generations": args.generations, "new_tokens": args.new_tokens,
         "micro_batch": args.micro_batch, "rounds": args.rounds,
-        "speedup": res["reference"]["step_s_median"] / res["fast"]["step_s_median"],
-        "speedup_vs_upstream_estimate": upstream_estimate(res) / res["fast"]["step_s_median"],
-        "memory_ratio": (memory_figure(res["reference"]["memory"]) or 0) / (memory_figure(res["fast"]["memory"]) or 1),
+        "image_tokens": getattr(args, "image_tokens", None), "queries": getattr(args, "queries", None),
+        "speedup": ref["step_s_median"] / best["step_s_median"],
+        "speedup_fast": ref["step_s_median"] / fast["step_s_median"],
+        "speedup_vs_upstream_estimate": upstream_estimate(res) / best["step_s_median"],
+        "speedup_fast_vs_upstream_estimate": upstream_estimate(res) / fast["step_s_median"],
+        "memory_ratio": (memory_figure(ref["memory"]) or 0) / (memory_figure(best["memory"]) or 1),
     }
+    if ref.get("train_flops_per_step"):
+        out["train_flops_vs_reference"] = best["train_flops_per_step"] / ref["train_flops_per_step"]
+        out["train_flops_vs_reference_fast"] = fast["train_flops_per_step"] / ref["train_flops_per_step"]
+    return out

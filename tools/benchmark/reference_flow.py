@@ -56,5 +56,6 @@ class ReferenceFlowTrainer(LensGRPOTrainer):
 
 
 def _one_process(trainer) -> None:
+    trainer.shared_prefix = trainer.single_pass_rewards = False  # the original runs every row's prompt
     if trainer.args.world_size > 1:
         raise ValueError("the reference flow (the benchmark's original-like flow) runs in one process only")

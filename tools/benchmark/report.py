@@ -29,28 +29,32 @@ def report(summary: dict[str, Any]) -> None:
 
 
 def report_grpo(g: dict[str, Any], summary: dict[str, Any]) -> None:
-    f, r = g["fast"], g["reference"]
+    flows = [k for k in ("shared", "fast", "reference") if k in g]
+    f = g[flows[0]]
     print(f"\n(a) GRPO optimizer step: {g['prompts']} prompts x G={g['generations']} = {f['rollouts_per_step']} rollouts, "
-          f"{g['new_tokens']} completion tokens each, median of {len(f['step_s'])} steps "
-          f"({g['rounds']} round(s), 1 warm-up step each)")
-    print(f"    {'phase (median s)':<22}{'fast':>10}{'reference':>12}")
+          f"{g['new_tokens']} completion tokens each, ~{f.get('prompt_tokens_median') or 0:.0f} prompt tokens, "
+          f"{g.get('queries')} queries; median of {len(f['step_s'])} steps ({g['rounds']} round(s), 1 warm-up step each)")
+    print(f"    {'phase (median s)':<22}" + "".join(f"{k:>12}" for k in flows))
     for name in PHASE_ROWS:
         key = name.strip()
-        fv = f["step_s_median"] if key == "step" else f["phases_s_median"].get(key)
-        rv = r["step_s_median"] if key == "step" else r["phases_s_median"].get(key)
-        if fv is None and rv is None:
+        vals = [g[k]["step_s_median"] if key == "step" else g[k]["phases_s_median"].get(key) for k in flows]
+        if all(v is None for v in vals):
             continue
-        print(f"    {name:<22}{(fv or 0):>10.3f}{(rv or 0):>12.3f}")
-    print(f"    speed-up reference/fast: x{g['speedup']:.2f}; train fwd+bwd {f['train_flops_per_step'] / 1e12:.3g} TFLOP "
-          f"per step ({f['trained_tokens_per_step']:.0f} LM tokens, {f['vit_patches_per_step']:.0f} ViT patches)")
-    print(f"    estimated original flow (one policy forward, no scoring forward): "
-          f"x{g['speedup_vs_upstream_estimate']:.2f} of fast")
-    print(f"    peak memory: fast {mib(memory_figure(f['memory']))}, reference {mib(memory_figure(r['memory']))}")
+        print(f"    {name:<22}" + "".join(f"{(v or 0):>12.3f}" for v in vals))
+    print(f"    {'TFLOP counted':<22}" + "".join(f"{k:>12}" for k in flows))
+    for phase in g[flows[0]].get("phase_flops_per_step", {}):
+        print(f"    {'  ' + phase:<22}" + "".join(f"{g[k]['phase_flops_per_step'].get(phase, 0) / 1e12:>12.4f}" for k in flows))
+    print(f"    speed-up reference/{flows[0]}: x{g['speedup']:.2f} (fast: x{g['speedup_fast']:.2f}); estimated original "
+          f"flow / {flows[0]}: x{g['speedup_vs_upstream_estimate']:.2f} (fast: x{g['speedup_fast_vs_upstream_estimate']:.2f})")
+    if "train_flops_vs_reference" in g:
+        print(f"    train fwd+bwd FLOPs vs reference: {flows[0]} {g['train_flops_vs_reference']:.1%}, "
+              f"fast {g['train_flops_vs_reference_fast']:.1%}")
+    print("    peak memory: " + ", ".join(f"{k} {mib(memory_figure(g[k]['memory']))}" for k in flows))
     if "mfu_train_fwd_bwd" in f:
-        print(f"    MFU (train fwd+bwd, {summary['peak_tflops']:.0f} TFLOP/s peak): fast {f['mfu_train_fwd_bwd']:.1%}, "
-              f"reference {r['mfu_train_fwd_bwd']:.1%}; whole step: fast {f['mfu_step']:.1%}, reference {r['mfu_step']:.1%}")
-    print(f"    logged losses (round 1) fast {[f'{x:.5f}' for x in f['losses'][0]]}, "
-          f"reference {[f'{x:.5f}' for x in r['losses'][0]]}")
+        print(f"    MFU (train fwd+bwd, {summary['peak_tflops']:.0f} TFLOP/s peak): "
+              + ", ".join(f"{k} {g[k]['mfu_train_fwd_bwd']:.1%}" for k in flows)
+              + "; whole step: " + ", ".join(f"{k} {g[k]['mfu_step']:.1%}" for k in flows))
+    print("    logged losses (round 1) " + ", ".join(f"{k} {[f'{x:.5f}' for x in g[k]['losses'][0]]}" for k in flows))
 
 
 def report_eval(title: str, e: dict[str, Any]) -> None:
