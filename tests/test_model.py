@@ -184,3 +184,30 @@ def test_vision_tower_once_per_distinct_image_equals_per_row(tiny, make_batch):
     assert calls == [int(patches[0] + patches[1]), int(patches.sum())]  # 2 images encoded instead of 3
     for a, b in zip(results[True], results[False]):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["upstream", "mrope"])
+def test_image_and_video_pads_sampled_into_a_completion_are_text(tiny, make_batch, mode):
+    """A policy can sample <|image_pad|> or <|video_pad|> into its completion (the tiny LoRA stage 2 did): they are
+    text there. The query forward runs, and the prompt's positions and the image's slots stay those of the batch
+    without them."""
+    model, processor = tiny
+    batch, sam, index = make_batch(processor)
+    ids, mask = batch["input_ids"].clone(), batch["attention_mask"]
+    last = mask.sum(1) - 1  # right-padded completions: overwrite two tokens before each row's last one
+    rows = torch.arange(ids.shape[0])
+    sampled = ids.clone()
+    sampled[rows, last - 1] = model.config.image_token_id
+    sampled[rows, last - 2] = model.config.video_token_id
+    model.config.query_position_mode = mode
+    try:
+        plain_pos = model.query_position_ids(ids, mask, batch["image_grid_thw"])
+        pos = model.query_position_ids(sampled, mask, batch["image_grid_thw"])
+        with torch.no_grad():
+            out = model(**{**batch, "input_ids": sampled}, sam_images=sam, sam_image_index=index)
+    finally:
+        model.config.query_position_mode = "upstream"
+    assert torch.equal(pos, plain_pos)
+    assert torch.equal(model.image_slots(sampled, batch["image_grid_thw"]),
+                       model.image_slots(ids, batch["image_grid_thw"]))
+    assert out.mask_logits.shape[0] == ids.shape[0] and torch.isfinite(out.mask_logits).all()

@@ -28,6 +28,7 @@ def main() -> None:
     fields = json.loads((root / "lens_fields.json").read_text())  # the tiny preset's context module and SAM2
     model = LensForConditionalGeneration.from_pretrained(root / "qwen", sam_checkpoint=root / "sam2.pt", **fields)
     partitioned = all(p.numel() == 0 for p in model.parameters())
+    whole = [n for n, p in model.named_parameters() if p.numel()]  # parameters left unpartitioned
     counts = set_trainable(model, "stage1")
 
     file = torch.load(root / "sam2.pt", weights_only=True)["model"]
@@ -41,7 +42,7 @@ def main() -> None:
     with gathered([model.learnable_query]):
         after = model.learnable_query.detach().clone()
     Path(root, f"rank{args.process_index}.json").write_text(json.dumps({
-        "partitioned": partitioned, "counts": counts, "sam_equal_file": sam_equal,
+        "partitioned": partitioned, "whole": whole, "counts": counts, "sam_equal_file": sam_equal,
         "reinit_changed": not torch.equal(before, after), "query_std": float(after.std()),
         "query_sum": float(after.double().sum()),
     }))

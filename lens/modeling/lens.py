@@ -168,7 +168,7 @@ class LensMixin:
             mask = torch.cat([attention_mask, ones], dim=1).long()
             pos = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 1)
             return pos.unsqueeze(0).expand(3, -1, -1)
-        mm_types = (input_ids == self.config.image_token_id).int() + 2 * (input_ids == self.config.video_token_id).int()
+        mm_types = self.image_slots(input_ids, image_grid_thw).int()  # images only: a sampled video pad is text
         text_pos, _ = self.model.get_rope_index(
             input_ids, mm_token_type_ids=mm_types, image_grid_thw=image_grid_thw, attention_mask=attention_mask
         )
@@ -198,10 +198,21 @@ class LensMixin:
             pixel_values, image_grid_thw, image_index = distinct_images(pixel_values, image_grid_thw, image_index)
         vision = self.model.get_image_features(pixel_values, image_grid_thw, return_dict=True)
         feats = rows_of(vision.pooler_output, image_index).to(embeds.device, embeds.dtype)
-        slots = input_ids == self.config.image_token_id
+        slots = self.image_slots(input_ids, image_grid_thw if image_index is None else image_grid_thw[image_index])
         if int(slots.sum()) != feats.shape[0]:
             raise ValueError(f"{int(slots.sum())} image-pad tokens but {feats.shape[0]} image features")
         return embeds.masked_scatter(slots.unsqueeze(-1), feats), self.vision_extras(vision, slots, image_index)
+
+    def image_slots(self, input_ids: torch.LongTensor, image_grid_thw: torch.LongTensor | None) -> torch.Tensor:
+        """(B, L) bool: the image-pad tokens that hold row b's image, i.e. its first grid_b.prod() / merge**2 of
+        them (B, 3 `image_grid_thw`, one image per row). An image pad that a policy sampled into its completion is
+        text, not a slot (it would otherwise shift the M-RoPE grid or break the feature count)."""
+        pads = input_ids == self.config.image_token_id
+        if image_grid_thw is None:
+            return torch.zeros_like(pads)
+        merge = self.config.vision_config.spatial_merge_size
+        counts = image_grid_thw.to(input_ids.device).prod(-1) // merge**2  # (B,)
+        return pads & (pads.cumsum(-1) <= counts[:, None])
 
     def vision_extras(self, vision, slots: torch.Tensor, image_index: torch.LongTensor | None) -> dict:
         """Extra language-model inputs from the vision output (none for this family; Qwen3-VL adds deepstack)."""

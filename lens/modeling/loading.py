@@ -15,7 +15,7 @@ from safetensors.torch import save_file
 from .config import LensConfig, lens_config_class
 from .families import Family, family_for_model_type, family_of, get_family
 from .sam import SAM2_CHECKPOINT_FILES, build_sam, hub_location, load_sam_checkpoint
-from .zero3 import gathered
+from .zero3 import gathered, partition_whole_parameters
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +112,7 @@ def finish_from_pretrained(model, kind: str, missing: set[str], sam_checkpoint: 
         dtype = model.learnable_query.dtype
         with gathered(list(model.sam.parameters()), modify=True):  # ZeRO-3: load into the full tensors
             model.sam.load_state_dict(fresh.to(dtype).state_dict())
+    partition_whole_parameters(model)
     check_weights(model)
 
 

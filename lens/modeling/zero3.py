@@ -65,3 +65,24 @@ def register_external_parameters(model) -> None:
     for owner, params in external_parameters(model).items():
         for param in params:
             register_external_parameter(modules[owner], param)
+
+
+def partition_whole_parameters(model: nn.Module) -> list[str]:
+    """ZeRO-3: partition the parameters a load left whole, with rank 0's values; returns their names.
+
+    transformers' ZeRO-3 `from_pretrained` partitions every module's parameters, but LENS's root-level
+    `learnable_query` has come back whole from a base-folder load (one full copy per rank, each initialised by its
+    own rank). Broadcasting rank 0's copy first makes every rank partition the same tensor."""
+    if not zero3_enabled():
+        return []
+    whole = [(n, p) for n, p in model.named_parameters() if not is_partitioned(p)]
+    if not whole:
+        return []
+    import deepspeed
+    from transformers.integrations.deepspeed import deepspeed_config
+
+    if torch.distributed.is_initialized():
+        for _, p in whole:
+            torch.distributed.broadcast(p.data, src=0)
+    deepspeed.zero.Init(module=model, config_dict_or_path=deepspeed_config())
+    return [n for n, _ in whole]
