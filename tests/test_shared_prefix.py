@@ -77,6 +77,21 @@ def run(model, batch, p, rows, features, shared: bool):
                  sam_image_index=rows, **extra)
 
 
+def unshared_and_shared(model, batch, p, rows, features):
+    """Outputs and parameter gradients of the unshared and the shared forward, under one loss that weighs every
+    output (log-probs position by position, entropies, masks, query states)."""
+    outs, grads = [], []
+    for shared in (False, True):
+        model.zero_grad()
+        out = run(model, batch, p, rows, features, shared)
+        w = torch.linspace(-1, 1, out.log_probs.shape[1])
+        loss = (out.log_probs * w).sum() + out.entropy.sum() + out.mask_logits.mean() + out.query_states.square().mean()
+        loss.backward()
+        outs.append(out)
+        grads.append({n: prm.grad.clone() for n, prm in model.named_parameters() if prm.grad is not None})
+    return outs, grads
+
+
 def test_layout_masks_other_suffixes_and_padding():
     layout = packed_layout(torch.tensor([0, 0, 1]), prefix_length=3, suffix_width=2)  # head 2, 2 slots
     assert layout.length == 6 and layout.slots == 2
@@ -100,16 +115,7 @@ def test_shared_equals_unshared_fp32(model, processor, mode, g, one_thread):
     assert len(set(batch["attention_mask"][:, p:].sum(1).tolist())) > 1 or g == 1  # completions of different lengths
     with torch.no_grad():
         features = model.encode_sam_images(sam)
-    outs, grads = [], []
-    for shared in (False, True):
-        model.zero_grad()
-        out = run(model, batch, p, rows, features, shared)
-        w = torch.linspace(-1, 1, out.log_probs.shape[1])
-        loss = (out.log_probs * w).sum() + out.entropy.sum() + out.mask_logits.mean() + out.query_states.square().mean()
-        loss.backward()
-        outs.append(out)
-        grads.append({n: prm.grad.clone() for n, prm in model.named_parameters() if prm.grad is not None})
-    a, b = outs
+    (a, b), grads = unshared_and_shared(model, batch, p, rows, features)
     keep = labels_of(batch, p)[:, 1:] != -100
     assert keep.any()
     torch.testing.assert_close(b.log_probs[keep], a.log_probs[keep], atol=2e-5, rtol=1e-5)
@@ -414,15 +420,7 @@ def test_shared_equals_unshared_for_every_family(family_model, mode, one_thread)
     batch, p, rows, sam = group_batch(processor, prompts=2, g=4, seed=3)
     with torch.no_grad():
         features = model.encode_sam_images(sam)
-    outs, grads = [], []
-    for shared in (False, True):
-        model.zero_grad()
-        out = run(model, batch, p, rows, features, shared)
-        w = torch.linspace(-1, 1, out.log_probs.shape[1])
-        ((out.log_probs * w).sum() + out.mask_logits.mean() + out.query_states.square().mean()).backward()
-        outs.append(out)
-        grads.append({n: prm.grad.clone() for n, prm in model.named_parameters() if prm.grad is not None})
-    a, b = outs
+    (a, b), grads = unshared_and_shared(model, batch, p, rows, features)
     keep = labels_of(batch, p)[:, 1:] != -100
     torch.testing.assert_close(b.log_probs[keep], a.log_probs[keep], atol=2e-5, rtol=1e-5)
     torch.testing.assert_close(b.query_states, a.query_states, atol=2e-5, rtol=1e-5)
