@@ -159,7 +159,8 @@ TINY_STAGE1_RESOLVED = {
               "sam_checkpoint": None, "sam_variant": None, "query_position_mode": None,
               "reinit_context": True},
     "data": {"train": ["refcoco:train"], "root": "outputs/quickstart/data", "question_template": "pr1_grounding",
-             "min_pixels": 3136, "max_pixels": 12544, "llm_longest_side": None, "answer_style": "phrase"},
+             "min_pixels": 3136, "max_pixels": 12544, "llm_longest_side": None, "answer_style": "phrase",
+             "memo_images": 2048},
     "train": {"output_dir": "outputs/quickstart/stage1", "per_device_train_batch_size": 16, "learning_rate": 0.001,
               "lr_scheduler_type": "cosine", "warmup_steps": 10, "num_train_epochs": 5, "weight_decay": 0.0,
               "logging_steps": 50, "save_steps": 200, "save_total_limit": 2, "dataloader_num_workers": 0,
@@ -176,7 +177,8 @@ TINY_STAGE2_RESOLVED = {
               "sam_checkpoint": None, "sam_variant": None, "query_position_mode": None,
               "reinit_context": False},
     "data": {"train": ["refcoco:train"], "root": "outputs/quickstart/data", "question_template": "pr1_grounding",
-             "min_pixels": 3136, "max_pixels": 12544, "llm_longest_side": None, "answer_style": "grounding"},
+             "min_pixels": 3136, "max_pixels": 12544, "llm_longest_side": None, "answer_style": "grounding",
+             "memo_images": 2048},
     "train": {"output_dir": "outputs/quickstart/stage2", "per_device_train_batch_size": 16,
               "gradient_accumulation_steps": 1, "learning_rate": 2e-05, "lr_scheduler_type": "linear",
               "bf16": False, "gradient_checkpointing": False, "logging_steps": 1, "save_steps": 100,
@@ -189,7 +191,7 @@ TINY_STAGE2_RESOLVED = {
     "grpo": {"num_generations": 2, "beta": 0.04, "temperature": 1.5, "top_p": 1.0, "top_k": 0,
              "max_completion_length": 40, "loss_type": "grpo", "scale_rewards": "group"},
     "grpo_shared_prefix": True,  # inherited: each group's prompt runs once (exact; tests/test_shared_prefix.py)
-    "single_pass_rewards": False,
+    "single_pass_rewards": True,  # inherited: the mask reward from the loss forward (same numbers; test_golden.py)
 }
 
 

@@ -93,3 +93,36 @@ def test_references_pickle_for_worker_processes(refs):
     clones = pickle.loads(pickle.dumps(refs))
     assert [c.ref_id for c in clones] == [r.ref_id for r in refs]
     assert all(np.array_equal(c.load_mask(), r.load_mask()) for c, r in zip(clones, refs))
+
+
+def test_image_memo_decodes_each_image_once_and_gives_the_same_items(refs, monkeypatch):
+    """Items of one image share its decoded views: the same values as decoding afresh, one decode per image while
+    the memo holds it, the least recently used image dropped past `memo_images`, none kept with 0."""
+    from lens.data.base import Reference
+
+    decoded: list[str] = []
+    load = Reference.load_image
+    monkeypatch.setattr(Reference, "load_image", lambda self: decoded.append(str(self.image_path)) or load(self))
+    images = sorted({str(r.image_path) for r in refs})
+    assert len(images) >= 3 and len(images) < len(refs)  # several references per image: the memo has work
+    fresh = GroundingDataset(refs, sam_size=64, max_pixels=200_000, memo_images=0)
+    memo = GroundingDataset(refs, sam_size=64, max_pixels=200_000, memo_images=len(images))
+    for epoch in range(2):
+        for i in range(len(refs)):
+            a, b = fresh[i], memo[i]
+            assert torch.equal(a["sam_image"], b["sam_image"]) and np.array_equal(a["mask"], b["mask"])
+            assert np.array_equal(np.asarray(a["image"]), np.asarray(b["image"]))
+            assert {k: v for k, v in a.items() if k not in ("sam_image", "mask", "image")} == \
+                   {k: v for k, v in b.items() if k not in ("sam_image", "mask", "image")}
+    assert len(decoded) == 2 * len(refs) + len(images)  # fresh: every access; memo: each image once in 2 epochs
+    assert len(fresh._views) == 0
+
+    small = GroundingDataset(refs, sam_size=64, max_pixels=200_000, memo_images=2)
+    by_image = {p: next(i for i, r in enumerate(refs) if str(r.image_path) == p) for p in images[:3]}
+    decoded.clear()
+    for p in (images[0], images[1], images[0], images[2], images[1]):  # images[1] is dropped when images[2] comes
+        small[by_image[p]]
+    assert decoded == [images[0], images[1], images[2], images[1]]
+    assert list(small._views) == [images[2], images[1]]
+    with pytest.raises(ValueError, match=r"memo_images=-1: expected a count of images >= 0"):
+        GroundingDataset(refs, memo_images=-1)

@@ -139,6 +139,22 @@ def test_lr_multipliers_scale_each_group_through_the_schedule(tiny_recipe):
     assert sum(len(g["params"]) for g in trainer.optimizer.param_groups) == n_trainable
 
 
+def test_flop_estimate_counts_the_parameters_once_and_equals_transformers(tiny_recipe):
+    """`total_flos` as transformers computes it (6 x tokens x non-embedding parameters), without walking the
+    model's parameters every step."""
+    from transformers import Trainer
+
+    trainer = build_trainer(tiny_recipe("stage1", "train.max_steps=1"))
+    inputs = {"input_ids": torch.zeros(3, 17, dtype=torch.long)}
+    expected = Trainer.floating_point_ops(trainer, inputs)
+    assert expected == 6 * 3 * 17 * trainer.model.num_parameters(exclude_embeddings=True) > 0
+    with mock.patch.object(type(trainer.model), "num_parameters", autospec=True,
+                           side_effect=type(trainer.model).num_parameters) as counted:
+        assert [trainer.floating_point_ops(inputs) for _ in range(4)] == [expected] * 4
+    assert counted.call_count == 1
+    assert trainer.floating_point_ops({"pixel_values": torch.zeros(2)}) == 0  # no token ids: nothing counted
+
+
 def test_peft_parameter_names_map_to_their_groups():
     assert group_of("base_model.model.model.language_model.layers.0.self_attn.q_proj.lora_A.default.weight") == "llm"
     assert group_of("base_model.model.connector.modules_to_save.default.blocks.0.attn.qkv.weight") == "context"

@@ -79,6 +79,9 @@ def py2_text(raw: bytes) -> str:
         return raw.decode("latin-1")
 
 
+_LEAVES = (int, float, str, bool, type(None))  # left as they are; tested inline, saving a call per number
+
+
 def _fix_text(obj: Any) -> Any:
     """Replace Python 2 byte strings (loaded as plain ``bytes``) by text, recursively; real bytes stay."""
     if type(obj) is bytes:
@@ -86,9 +89,10 @@ def _fix_text(obj: Any) -> Any:
     if isinstance(obj, _Bytes):
         return bytes(obj)
     if isinstance(obj, list):
-        return [_fix_text(v) for v in obj]
+        return [v if type(v) in _LEAVES else _fix_text(v) for v in obj]
     if isinstance(obj, dict):
-        return {_fix_text(k): _fix_text(v) for k, v in obj.items()}
+        return {(k if type(k) in _LEAVES else _fix_text(k)): (v if type(v) in _LEAVES else _fix_text(v))
+                for k, v in obj.items()}
     if isinstance(obj, tuple):
         return tuple(_fix_text(v) for v in obj)
     if isinstance(obj, (set, frozenset)):

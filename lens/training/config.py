@@ -67,6 +67,7 @@ class DataConfig:
     max_pixels: int = 1_000_000
     llm_longest_side: int | None = None  # resize images so that their longest side is at most this (ReasonSeg: 640)
     answer_style: str = field(default="grounding", metadata={"choices": ANSWER_STYLES})  # warmup / stage 1 answers
+    memo_images: int = 16  # decoded images kept per data-loader process (lens.data.dataset.GroundingDataset)
 
 
 @dataclass

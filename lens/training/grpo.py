@@ -31,7 +31,7 @@ from lens.modeling.loading import LEGACY_KEY_MAPPING
 from lens.modeling.sam import SamFeatures
 from lens.training.data import unique_images
 from lens.training.shared_grpo import SharedPrefixMixin, distinct_image_processing
-from lens.training.trainable import GroupLRMixin, prepare_model_for_training
+from lens.training.trainable import CountedFlopsMixin, GroupLRMixin, prepare_model_for_training
 from lens.training.vllm import VLLMViewMixin
 
 MASK_REWARDS = ("mask_iou", "mask_iou_linear")
@@ -80,7 +80,7 @@ def build_reference_model(policy, init_path: str | Path | None = None):
     return ref.eval().requires_grad_(False)
 
 
-class LensGRPOTrainer(SharedPrefixMixin, VLLMViewMixin, GroupLRMixin, GRPOTrainer):
+class LensGRPOTrainer(SharedPrefixMixin, VLLMViewMixin, GroupLRMixin, CountedFlopsMixin, GRPOTrainer):
     """GRPO for LENS. Dataset rows: `prompt`, `image`, `box_llm`, `mask`, `sam_image`, `image_id`.
 
     Every LENS computation of the policy is a call of the (DDP/DeepSpeed-wrapped) model: SAM2 encoding, the

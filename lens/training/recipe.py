@@ -108,7 +108,7 @@ def build_dataset(data: DataConfig, sam_size: int, seed: int, image_factor: int 
     return GroundingDataset(
         refs, question_template=data.question_template, min_pixels=data.min_pixels, max_pixels=data.max_pixels,
         sam_size=sam_size, llm_longest_side=data.llm_longest_side, seed=seed, image_factor=image_factor,
-        box_frame=box_frame,
+        box_frame=box_frame, memo_images=data.memo_images,
     )
 
 

@@ -12,7 +12,7 @@ from transformers import Trainer
 from lens.losses import segmentation_loss
 from lens.modeling.sam import SamFeatures
 from lens.modeling.zero3 import zero3_enabled
-from lens.training.trainable import GroupLRMixin, prepare_model_for_training
+from lens.training.trainable import CountedFlopsMixin, GroupLRMixin, prepare_model_for_training
 
 logger = logging.getLogger(__name__)
 OBJECTIVE_PARTS = ("lm", "seg")  # next-token loss on the answer, BCE + dice of the query-forward masks
@@ -44,7 +44,7 @@ class SamFeatureCache:
         return SamFeatures.cat([self.store[k] for k in keys]).to(device)
 
 
-class SupervisedLensTrainer(GroupLRMixin, Trainer):
+class SupervisedLensTrainer(GroupLRMixin, CountedFlopsMixin, Trainer):
     """`Trainer` whose loss is a sum of parts named in `objective` ("seg", "lm" or "lm+seg"): `seg` = BCE + dice
     of the masks of the query forward (stage 1), `lm` = next-token loss on the answer (the tiny warm-up).
     Frozen SAM2 image features can be cached across steps."""

@@ -46,6 +46,7 @@ class _Writer:
         self.coco_anns: list[dict] = []
         self.gs_lines: list[dict] = []
         self.grefs: list[dict] = []
+        self.sentences = dict.fromkeys([*self.refer_refs, "grefcoco"], 0)  # sentences written so far: the next sent_id
         self.grefs_meta: dict[str, dict[str, Any]] = {}
         self.custom: dict[str, list[dict]] = {}
         self.counts: dict[str, int] = {}
@@ -96,7 +97,8 @@ class _Writer:
                 if not texts:
                     continue
                 ref_id, ann_id = len(refs), image_id * 100 + j
-                sent0 = sum(len(r["sentences"]) for r in refs)
+                sent0 = self.sentences[ds]
+                self.sentences[ds] += len(texts)
                 sents = [{"sent": t, "raw": t, "sent_id": sent0 + k, "tokens": t.split()} for k, t in enumerate(texts)]
                 refs.append({"ref_id": ref_id, "ann_id": ann_id, "image_id": image_id, "split": split,
                              "category_id": CATEGORY_IDS[o.shape], "sent_ids": [s["sent_id"] for s in sents],
@@ -186,7 +188,8 @@ class _Writer:
 
     def _gref(self, scene: Scene, image_id: int, split: str, targets: list[int], texts: list[str], kind: str) -> None:
         ref_id = len(self.grefs)
-        sent0 = sum(len(r["sentences"]) for r in self.grefs)
+        sent0 = self.sentences["grefcoco"]
+        self.sentences["grefcoco"] += len(texts)
         sents = [{"sent": t, "raw": t, "sent_id": sent0 + k, "tokens": t.split()} for k, t in enumerate(texts)]
         objs = scene.objects
         self.grefs.append({
