@@ -108,6 +108,7 @@ def test_image_memo_decodes_each_image_once_and_gives_the_same_items(refs, monke
     fresh = GroundingDataset(refs, sam_size=64, max_pixels=200_000, memo_images=0)
     memo = GroundingDataset(refs, sam_size=64, max_pixels=200_000, memo_images=len(images))
     for epoch in range(2):
+        fresh.set_epoch(epoch), memo.set_epoch(epoch)
         for i in range(len(refs)):
             a, b = fresh[i], memo[i]
             assert torch.equal(a["sam_image"], b["sam_image"]) and np.array_equal(a["mask"], b["mask"])
