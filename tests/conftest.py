@@ -56,6 +56,30 @@ def tiny_recipe(synthetic_root: Path, tiny_checkpoint: Path, tmp_path: Path):
     return make
 
 
+@pytest.fixture(scope="module")
+def tiny_grpo(synthetic_root: Path, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Factory for tests that call a GRPO trainer's pieces directly (one trainer per module, built once):
+    ``tiny_grpo("name", *extra)`` -> ``(trainer, [first, second])``, the tiny stage-2 recipe on the synthetic data and
+    the tiny checkpoint (10 completion tokens, one step, no reporting; ``extra`` overrides win), in training mode with
+    one accumulation step, and two of its data set's rows whose images differ (so a row -> image index matters)."""
+    from lens.training.recipe import build_trainer, load_recipe
+
+    def make(name: str, *extra: str):
+        recipe = load_recipe(TINY_RECIPES / "stage2.yaml", [
+            f"data.root={synthetic_root}", f"model.init={tiny_checkpoint}",
+            f"train.output_dir={tmp_path_factory.mktemp(name)}", "train.report_to=none", "train.max_steps=1",
+            "grpo.max_completion_length=10", "train.disable_tqdm=true", *extra])
+        trainer = build_trainer(recipe)
+        trainer.model.train()
+        trainer.current_gradient_accumulation_steps = 1  # set by the training loop; tests call the pieces directly
+        data = trainer.train_dataset
+        first = dict(data[0])
+        second = next(dict(data[i]) for i in range(1, len(data)) if data[i]["image_id"] != first["image_id"])
+        return trainer, [first, second]
+
+    return make
+
+
 @pytest.fixture()
 def one_thread():
     """One intra-op thread: numbers (and so pinned or measured values) do not depend on the runner's thread count,

@@ -18,14 +18,12 @@ import torch
 from lens.modeling import LensForConditionalGeneration
 from lens.modeling.sam import decode_masks, decode_masks_per_sample
 from lens.training.grpo import LensGRPOTrainer, lens_module
-from lens.training.recipe import build_trainer, load_recipe
 
 REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 from tools.benchmark.reference_flow import ReferenceFlowTrainer  # noqa: E402
 
-RECIPES = REPO / "configs" / "recipes" / "tiny"
 FLOWS = ("fast", "reference")
 ROW_IMAGE = torch.tensor([0, 0, 0, 1, 1, 2, 2, 2])  # 8 rows (rollouts / expressions) over 3 images
 
@@ -100,21 +98,11 @@ def test_batched_decoding_equals_the_per_sample_loop(model, sam_images, training
 
 # ---------------------------------------------------------------------- (3) one GRPO forward, both flows
 @pytest.fixture(scope="module")
-def grpo_batches(synthetic_root, tiny_checkpoint, tmp_path_factory):
-    """One trainer; the same 2 prompts x G rollouts generated under each flow with the same seed."""
-    out = tmp_path_factory.mktemp("grpo_fast_paths")
-    recipe = load_recipe(RECIPES / "stage2.yaml", [
-        f"data.root={synthetic_root}", f"model.init={tiny_checkpoint}", f"train.output_dir={out}",
-        "train.report_to=none", "train.max_steps=1", "grpo.max_completion_length=10", "train.disable_tqdm=true",
-    ])
-    trainer = build_trainer(recipe)
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1  # set by the training loop; we call the pieces directly
+def grpo_batches(tiny_grpo):
+    """One trainer; the same 2 prompts x G rollouts generated under each flow with the same seed. The two-pass flow
+    (a scoring forward) is the one compared here; the single pass is tests/test_shared_prefix.py's."""
+    trainer, prompts = tiny_grpo("grpo_fast_paths", "single_pass_rewards=false")
     g = trainer.args.num_generations
-    data = trainer.train_dataset
-    first = dict(data[0])
-    second = next(dict(data[i]) for i in range(1, len(data)) if data[i]["image_id"] != first["image_id"])
-    prompts = [first, second]  # two distinct images, so the row -> image index matters
     batches = {}
     for flow in FLOWS:
         set_flow(trainer, flow)
@@ -183,7 +171,7 @@ def test_recipes_have_no_flow_switch():
     from lens.training.recipe import load_recipe
 
     with pytest.raises(ValueError, match="unknown key 'flow'"):
-        load_recipe(Path(__file__).resolve().parents[1] / "configs/recipes/tiny/stage2.yaml", ["flow=reference"])
+        load_recipe(REPO / "configs/recipes/tiny/stage2.yaml", ["flow=reference"])
 
 
 # ---------------------------------------------------------------------- (4) batched evaluation

@@ -4,7 +4,6 @@ gradients) for both query position modes, left-padded prompts, completions of di
 from __future__ import annotations
 
 import copy
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,8 +12,6 @@ import torch
 from lens.modeling import LensForConditionalGeneration
 from lens.modeling.shared_prefix import packed_layout, prefix_groups, shared_reference_log_probs
 from lens.prompts import build_messages
-
-TINY = Path(__file__).resolve().parents[1] / "configs" / "recipes" / "tiny"
 
 
 @pytest.fixture(scope="module")
@@ -172,22 +169,9 @@ G = 4
 
 
 @pytest.fixture(scope="module")
-def grpo_trainer(synthetic_root, tiny_checkpoint, tmp_path_factory):
-    from lens.training.recipe import build_trainer, load_recipe
-
-    out = tmp_path_factory.mktemp("grpo_shared")
-    recipe = load_recipe(TINY / "stage2.yaml", [
-        f"data.root={synthetic_root}", f"model.init={tiny_checkpoint}", f"train.output_dir={out}",
-        "train.report_to=none", "train.max_steps=1", "grpo.max_completion_length=10", "train.disable_tqdm=true",
-        f"grpo.num_generations={G}", f"train.per_device_train_batch_size={2 * G}", "grpo.beta=0.04",
-    ])
-    trainer = build_trainer(recipe)
-    trainer.model.train()
-    trainer.current_gradient_accumulation_steps = 1  # set by the training loop; we call the pieces directly
-    data = trainer.train_dataset
-    first = dict(data[0])
-    second = next(dict(data[i]) for i in range(1, len(data)) if data[i]["image_id"] != first["image_id"])
-    return trainer, [first, second]
+def grpo_trainer(tiny_grpo):
+    return tiny_grpo("grpo_shared", f"grpo.num_generations={G}", f"train.per_device_train_batch_size={2 * G}",
+                     "grpo.beta=0.04")
 
 
 def generate(trainer, prompts, shared: bool, single: bool = False):

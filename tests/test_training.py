@@ -177,7 +177,9 @@ def test_unknown_groups_are_rejected_when_the_recipe_loads(tiny_recipe):
 @pytest.fixture()
 def grpo(tiny_recipe):
     def make(*extra: str):
-        recipe = tiny_recipe("stage2", "train.max_steps=1",
+        # two passes: the rewards and advantages exist after generation (the single pass, which takes them from the
+        # loss forward, is shown equal to this flow in tests/test_shared_prefix.py)
+        recipe = tiny_recipe("stage2", "train.max_steps=1", "single_pass_rewards=false",
                              "grpo.max_completion_length=12", *extra)
         trainer = build_trainer(recipe)
         trainer.model.train()
