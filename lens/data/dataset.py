@@ -65,7 +65,7 @@ class GroundingDataset(Dataset):
         ``memo_images``: how many images' decoded views (LLM image, SAM input, size) are kept, least recently used
         dropped (0: none). Items of one image then decode it once: the G rollouts of a GRPO prompt (TRL's sampler
         repeats each index G times in a row), the sentences of an evaluated reference, and, with a memo as large as
-        the image set, every epoch after the first. About 4.5 MB per 640x480 image at SAM's 1024 input; per
+        the image set, every epoch after the first. About 4 MB per 640x480 image at SAM's 1024 input; per
         data-loader worker."""
         self.items = list(items)
         self.question_template = question_template
@@ -101,7 +101,7 @@ class GroundingDataset(Dataset):
     def image_views(self, ref: Reference) -> tuple[Any, torch.Tensor, tuple[int, int], tuple[int, int]]:
         """``(LLM image (PIL), SAM input uint8 (3, S, S), original (h, w), LLM (h, w))`` of ``ref``'s image, from
         the memo when there. Callers must not modify them (items of one image share them)."""
-        key = str(ref.image_path)
+        key = ref.image_key
         views = self._views.get(key)
         if views is not None:
             self._views.move_to_end(key)
