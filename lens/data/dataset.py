@@ -64,8 +64,8 @@ class GroundingDataset(Dataset):
         ``box_frame``: the frame of answer boxes, None = LLM pixels (``lens.modeling.families.box_frame(config)``);
         ``memo_images``: how many images' decoded views (LLM image, SAM input, size) are kept, least recently used
         dropped (0: none). Items of one image then decode it once: the G rollouts of a GRPO prompt (TRL's sampler
-        repeats each index G times in a row), the sentences of an evaluated reference, and, with a memo as large as
-        the image set, every epoch after the first. About 4 MB per 640x480 image at SAM's 1024 input; per
+        repeats each index G times in a row), the references of one image, and, with a memo as large as the image
+        set, every epoch after the first. About 4 MB per 640x480 image at SAM's 1024 input; per
         data-loader worker."""
         self.items = list(items)
         self.question_template = question_template
