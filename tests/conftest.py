@@ -35,6 +35,11 @@ TINY_RECIPES = Path(__file__).resolve().parents[1] / "configs" / "recipes" / "ti
 QUIET_TRAIN = ("train.report_to=none", "train.save_steps=1000", "train.logging_steps=1", "train.disable_tqdm=true")
 
 
+def tiny_base(root: Path, init: Path | str, out: Path) -> list[str]:
+    """The overrides every tiny test recipe starts from: data, weights, output folder, then QUIET_TRAIN."""
+    return [f"data.root={root}", f"model.init={init}", f"train.output_dir={out}", *QUIET_TRAIN]
+
+
 @pytest.fixture()
 def tiny_recipe(synthetic_root: Path, tiny_checkpoint: Path, tmp_path: Path):
     """Factory: a tiny recipe (``configs/recipes/tiny/<stage>.yaml``) on the synthetic data and the tiny checkpoint.
@@ -49,9 +54,8 @@ def tiny_recipe(synthetic_root: Path, tiny_checkpoint: Path, tmp_path: Path):
     def make(stage: str, *extra: str, out: Path | None = None, root: Path | None = None,
              init: Path | str | None = None) -> dict:
         out = tmp_path / stage if out is None else out
-        return load_recipe(TINY_RECIPES / f"{stage}.yaml", [
-            f"data.root={root or synthetic_root}", f"model.init={init or tiny_checkpoint}", f"train.output_dir={out}",
-            *QUIET_TRAIN, *extra])
+        return load_recipe(TINY_RECIPES / f"{stage}.yaml",
+                           [*tiny_base(root or synthetic_root, init or tiny_checkpoint, out), *extra])
 
     return make
 
@@ -60,15 +64,14 @@ def tiny_recipe(synthetic_root: Path, tiny_checkpoint: Path, tmp_path: Path):
 def tiny_grpo(synthetic_root: Path, tiny_checkpoint: Path, tmp_path_factory: pytest.TempPathFactory):
     """Factory for tests that call a GRPO trainer's pieces directly (one trainer per module, built once):
     ``tiny_grpo("name", *extra)`` -> ``(trainer, [first, second])``, the tiny stage-2 recipe on the synthetic data and
-    the tiny checkpoint (10 completion tokens, one step, no reporting; ``extra`` overrides win), in training mode with
+    the tiny checkpoint (`tiny_base`, 10 completion tokens, one step; ``extra`` overrides win), in training mode with
     one accumulation step, and two of its data set's rows whose images differ (so a row -> image index matters)."""
     from lens.training.recipe import build_trainer, load_recipe
 
     def make(name: str, *extra: str):
         recipe = load_recipe(TINY_RECIPES / "stage2.yaml", [
-            f"data.root={synthetic_root}", f"model.init={tiny_checkpoint}",
-            f"train.output_dir={tmp_path_factory.mktemp(name)}", "train.report_to=none", "train.max_steps=1",
-            "grpo.max_completion_length=10", "train.disable_tqdm=true", *extra])
+            *tiny_base(synthetic_root, tiny_checkpoint, tmp_path_factory.mktemp(name)), "train.max_steps=1",
+            "grpo.max_completion_length=10", *extra])
         trainer = build_trainer(recipe)
         trainer.model.train()
         trainer.current_gradient_accumulation_steps = 1  # set by the training loop; tests call the pieces directly
