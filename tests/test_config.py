@@ -162,7 +162,7 @@ TINY_STAGE1_RESOLVED = {
              "min_pixels": 3136, "max_pixels": 12544, "llm_longest_side": None, "answer_style": "phrase",
              "memo_images": 2048},
     "train": {"output_dir": "outputs/quickstart/stage1", "per_device_train_batch_size": 16, "learning_rate": 0.001,
-              "lr_scheduler_type": "cosine", "warmup_steps": 10, "num_train_epochs": 5, "weight_decay": 0.0,
+              "lr_scheduler_type": "cosine", "warmup_steps": 10, "num_train_epochs": 4, "weight_decay": 0.0,
               "logging_steps": 50, "save_steps": 200, "save_total_limit": 2, "dataloader_num_workers": 0,
               "report_to": "tensorboard", "seed": 0, "use_cpu": True, "remove_unused_columns": False,
               "ddp_find_unused_parameters": False},
