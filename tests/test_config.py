@@ -263,3 +263,40 @@ def test_the_launcher_stops_on_a_typo_before_preparing_anything():
     assert proc.stderr.splitlines() == [
         "error: configs/recipes/tiny/stage1.yaml: override 'loss.seg_wieght=5': unknown key 'loss.seg_wieght'; "
         "did you mean 'loss.seg_weight'?"]
+
+
+# ---------------------------------------------------------------------- the TrainingArguments / GRPOConfig names
+def test_field_names_are_kept_per_installed_version_and_a_bad_cache_file_is_rebuilt(tmp_path, monkeypatch):
+    from importlib.metadata import version
+
+    from transformers import TrainingArguments
+
+    from lens.training.config import init_field_names
+
+    monkeypatch.setenv("LENS_CACHE", str(tmp_path))
+    truth = frozenset(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
+    assert init_field_names("transformers", "TrainingArguments") == truth
+    file = tmp_path / f"fields-transformers-{version('transformers')}-TrainingArguments.json"
+    assert file.is_file() and sorted(truth) == __import__("json").loads(file.read_text())
+    file.write_text('["learning_rate", "only_in_the_cache"]')  # the file, not the import, answers the next call
+    assert init_field_names("transformers", "TrainingArguments") == {"learning_rate", "only_in_the_cache"}
+    file.write_text("{not json")
+    assert init_field_names("transformers", "TrainingArguments") == truth  # rebuilt from the class
+    assert init_field_names("transformers", "TrainingArguments") == truth and "{" not in file.read_text()
+
+
+def test_a_recipe_check_with_known_names_imports_neither_transformers_nor_trl(tmp_path):
+    """The launcher checks the recipe before any rank starts; with the names kept it takes a fraction of a second."""
+    env = {**os.environ, "LENS_CACHE": str(tmp_path)}
+    code = ("import sys; from lens.training.config import load_recipe; load_recipe(sys.argv[1], sys.argv[2:]); "
+            "print(sorted(m for m in ('transformers', 'trl', 'torch') if m in sys.modules))")
+    cmd = [sys.executable, "-c", code, str(TINY_STAGE2), "grpo.beta=0.01", "train.learning_rate=1e-5"]
+    first = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    second = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, env=env, timeout=300)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:] + second.stderr[-2000:]
+    assert "transformers" in first.stdout and second.stdout.strip() == "[]"
+    # a typo in train is still caught from the kept names, with its suggestion
+    typo = subprocess.run([*cmd[:4], "train.learning_rat=1e-5"], cwd=REPO, capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert typo.returncode == 1 and "unknown key 'train.learning_rat'" in typo.stderr
+    assert "train.learning_rate" in typo.stderr

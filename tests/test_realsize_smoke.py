@@ -43,7 +43,7 @@ def tiny_summary(smoke):
 def test_all_phases_run_on_the_tiny_preset_with_finite_outputs(smoke, tiny_summary):
     summary, log = tiny_summary
     assert summary["ok"] is True, json.dumps(summary)[:3000] + "\n".join(log)[-3000:]
-    assert list(summary["phases"]) == list(smoke.PHASES)
+    assert list(summary["phases"]) == list(smoke.PHASES) and summary["complete"] and not summary["skipped"]
     for name, fig in summary["phases"].items():
         assert PHASE_KEYS <= set(fig), (name, fig)
         assert fig["ok"] and fig["finite"] and fig["seconds"] >= 0 and fig["peak_rss_gb"] > 0 and fig["rss_gb"] > 0
@@ -84,6 +84,40 @@ def test_non_finite_outputs_make_a_phase_fail(smoke, monkeypatch):
     assert summary["ok"] is False and summary["phases"]["forward"]["ok"] is False
     assert smoke.finite(torch.ones(2), 1.0) and not smoke.finite(None) and not smoke.finite(float("inf"))
     assert not smoke.finite(torch.empty(0))
+
+
+def test_budget_skips_the_phases_whose_prediction_does_not_fit(smoke):
+    """Hand-computed: forward took 10 s; 50 s of a 100 s budget left -> segmenter (18 s) and stage1 (35 s) fit,
+    lora_grpo (120 s) does not. Build and forward always run; without a budget nothing is skipped."""
+    args = smoke.parse_args(["--preset", "tiny", "--budget-s", "100"])
+    done = {"build": {"seconds": 30.0}, "forward": {"seconds": 10.0}}
+    assert smoke.budget_skip(args, "segmenter", done, elapsed=50.0) is None
+    assert smoke.budget_skip(args, "stage1", done, elapsed=50.0) is None
+    reason = smoke.budget_skip(args, "lora_grpo", done, elapsed=50.0)
+    assert reason.startswith("predicted 120 s = 12.0 x the forward's 10 s") and "50 s left of --budget-s 100" in reason
+    assert smoke.budget_skip(args, "stage1", done, elapsed=70.0).startswith("predicted 35 s")
+    assert smoke.budget_skip(args, "forward", {"build": {"seconds": 999.0}}, elapsed=999.0) is None
+    assert smoke.budget_skip(smoke.parse_args(["--preset", "tiny"]), "lora_grpo", done, elapsed=1e9) is None
+    with pytest.raises(SystemExit):
+        smoke.parse_args(["--budget-s", "0"])
+
+
+def test_a_spent_budget_runs_build_and_forward_only_and_says_what_it_skipped(smoke):
+    lines: list[str] = []
+    summary = smoke.run_phases(smoke.parse_args(["--preset", "tiny", "--budget-s", "0.001"]), log=lines.append)
+    assert list(summary["phases"]) == ["build", "forward"] and summary["phases"]["forward"]["ok"]
+    assert list(summary["skipped"]) == ["segmenter", "stage1", "lora_grpo"]
+    assert all(r.startswith("predicted ") for r in summary["skipped"].values())
+    assert summary["ok"] is True and summary["complete"] is False and summary["budget_s"] == 0.001
+    assert any(line.startswith("[smoke] stage1: skipped (predicted") for line in lines)
+    assert set(summary["host"]) == {"cpu_capability", "cores", "native_bf16"}
+
+
+def test_a_failed_required_phase_is_not_ok_under_a_budget(smoke, monkeypatch):
+    monkeypatch.setitem(smoke.PHASE_FUNCS, "forward", lambda state: {"finite": False})
+    summary = smoke.run_phases(smoke.parse_args(["--preset", "tiny", "--budget-s", "0.001"]), log=lambda s: None)
+    assert summary["ok"] is False and list(summary["phases"]) == ["build", "forward"]
+    assert not summary["phases"]["forward"]["ok"]
 
 
 def test_command_line_prints_one_json_line_last_and_exits_zero(tmp_path):
@@ -168,4 +202,4 @@ def test_ci_runs_the_real_size_smoke_after_the_tests():
     lines = [ln.strip() for ln in (ROOT / ".ci" / "run").read_text().splitlines() if ln.strip() and not ln.startswith("#")]
     tests = next(i for i, ln in enumerate(lines) if "scripts/test.sh" in ln)
     smoke_line = next(i for i, ln in enumerate(lines) if "tools/realsize_smoke.py" in ln)
-    assert smoke_line > tests
+    assert smoke_line > tests and "--budget-s" in lines[smoke_line]  # what is left of the 30 minutes

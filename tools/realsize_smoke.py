@@ -10,6 +10,13 @@ On the CPU the two training phases step with plain SGD (--optim; the recipes' Ad
 context module alone is 475 M parameters (conv_1d: 268 M), and AdamW's state for phase 5's 599 M took the
 process to a 22.4 GB peak.
 
+With --budget-s (as .ci/run passes what is left of its 30 minutes) build and forward always run, and each later
+phase runs only when its predicted time fits in what is left: PHASE_COST x the forward phase's seconds (the
+largest ratios measured, see PHASE_COST). A phase left out is printed as skipped, with the prediction, and listed
+under "skipped"; it does not make the run fail, but "complete" is then false. Where the CPU has no native bf16
+(no AVX512-BF16 / AMX: "host" in the JSON) bf16 matrix products are emulated and the 3B preset's forward alone
+takes minutes, so on such a host CI runs the build and the forward and skips the training steps.
+
 Each phase prints its wall time, the process's peak RSS so far (ru_maxrss), the phase's own peak (VmHWM, reset at
 the start of the phase) and the current RSS; the last line is one JSON
 object `{"ok": ..., "phases": {...}, ...}`; "ok" is true only when every phase ran and all its outputs (mask
@@ -46,6 +53,10 @@ from PIL import Image  # noqa: E402
 
 RECIPES = ROOT / "configs" / "recipes"
 PHASES = ("build", "forward", "segmenter", "stage1", "lora_grpo")
+REQUIRED = ("build", "forward")  # run even under --budget-s; the later phases' predictions scale the forward's time
+# Predicted seconds of a phase = PHASE_COST[phase] x the forward phase's seconds: the largest ratio measured on the
+# 2-core machines (docs/benchmarks.md: segmenter 1.3-1.6, stage1 2.4-3.1, lora_grpo 6.7-11.5), rounded up.
+PHASE_COST = {"segmenter": 1.8, "stage1": 3.5, "lora_grpo": 12.0}
 PROMPT = "the red object on the left"
 
 # Sizes per device: the CPU lane keeps every sequence short (a 112 x 112 image = 16 visual tokens); a GPU can
@@ -89,6 +100,20 @@ def reset_phase_peak() -> bool:
         return True
     except OSError:
         return False
+
+
+def host_info() -> dict[str, Any]:
+    """What decides the CPU speed of bf16 here: torch's CPU kernel level and whether the CPU has bf16 instructions."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+                break
+    except OSError:
+        pass
+    return {"cpu_capability": torch.backends.cpu.get_cpu_capability(), "cores": os.cpu_count(),
+            "native_bf16": bool({"avx512_bf16", "amx_bf16"} & flags)}
 
 
 def gpu_peak_gb() -> float | None:
@@ -310,7 +335,8 @@ def run_phases(args: argparse.Namespace, log: Callable[[str], None] = print) -> 
     summary: dict[str, Any] = {
         "ok": False, "preset": args.preset, "device": args.device, "dtype": args.dtype, "attn": args.attn,
         "optim": args.optim, "grad_ckpt": args.grad_ckpt,
-        "threads": torch.get_num_threads(), "sizes": sizes, "phases": {},
+        "threads": torch.get_num_threads(), "sizes": sizes, "host": host_info(), "budget_s": args.budget_s,
+        "phases": {}, "skipped": {},
     }
     start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="lens-smoke-") as tmp:
@@ -319,6 +345,11 @@ def run_phases(args: argparse.Namespace, log: Callable[[str], None] = print) -> 
         generate_synthetic(data_root, seed=0, n_train=2, n_val=1, n_test=1, image_size=sizes["image"])
         state = {"args": args, "sizes": sizes, "workdir": str(workdir), "data_root": str(data_root)}
         for name in args.phases:
+            skip = budget_skip(args, name, summary["phases"], time.perf_counter() - start)
+            if skip:
+                summary["skipped"][name] = skip
+                log(f"[smoke] {name}: skipped ({skip})")
+                continue
             t0 = time.perf_counter()
             can_reset = reset_phase_peak()
             if torch.cuda.is_available() and args.device == "cuda":
@@ -346,8 +377,23 @@ def run_phases(args: argparse.Namespace, log: Callable[[str], None] = print) -> 
                 break
     summary["total_seconds"] = round(time.perf_counter() - start, 1)
     summary["peak_rss_gb"] = rss_gb()[0]
-    summary["ok"] = len(summary["phases"]) == len(args.phases) and all(f["ok"] for f in summary["phases"].values())
+    ran = summary["phases"]
+    summary["complete"] = len(ran) == len(args.phases)
+    summary["ok"] = (len(ran) + len(summary["skipped"]) == len(args.phases) and all(f["ok"] for f in ran.values())
+                     and all(name in ran for name in REQUIRED if name in args.phases))
     return summary
+
+
+def budget_skip(args: argparse.Namespace, name: str, done: dict[str, dict], elapsed: float) -> str | None:
+    """Why phase `name` does not fit in what is left of --budget-s (None: run it). Build and forward always run."""
+    if args.budget_s is None or name in REQUIRED or "forward" not in done:
+        return None
+    left = args.budget_s - elapsed
+    predicted = PHASE_COST[name] * done["forward"]["seconds"]
+    if predicted <= left:
+        return None
+    return (f"predicted {predicted:.0f} s = {PHASE_COST[name]} x the forward's {done['forward']['seconds']:.0f} s, "
+            f"more than the {max(left, 0):.0f} s left of --budget-s {args.budget_s:.0f}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -371,11 +417,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--completion", type=int, help="GRPO max_completion_length (default: cpu 4, cuda 16)")
     p.add_argument("--threads", type=int, help="torch threads (default: torch's choice)")
     p.add_argument("--workdir", help="keep data and trainer outputs here (default: a temp dir)")
+    p.add_argument("--budget-s", type=float, help="seconds this run may take: build and forward always run, a later "
+                   "phase only when its predicted time (PHASE_COST x the forward's) fits in what is left; default: no limit")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the final JSON to this file")
     args = p.parse_args(argv)
     if args.phases[0] != "build":
         p.error("--phases must start with build")
+    if args.budget_s is not None and args.budget_s <= 0:
+        p.error(f"--budget-s must be positive seconds, got {args.budget_s}")
     if args.device == "cuda" and not torch.cuda.is_available():
         p.error("--device cuda: no CUDA device")
     if args.optim is None:
