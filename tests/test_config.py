@@ -271,7 +271,7 @@ def test_field_names_are_kept_per_installed_version_and_a_bad_cache_file_is_rebu
 
     from transformers import TrainingArguments
 
-    from lens.training.config import init_field_names
+    from lens.training.hf_fields import init_field_names
 
     monkeypatch.setenv("LENS_CACHE", str(tmp_path))
     truth = frozenset(f.name for f in dataclasses.fields(TrainingArguments) if f.init)
