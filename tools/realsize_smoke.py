@@ -19,8 +19,8 @@ takes minutes, so on such a host CI runs the build and the forward and skips the
 
 Each phase prints its wall time, the process's peak RSS so far (ru_maxrss), the phase's own peak (VmHWM, reset at
 the start of the phase) and the current RSS; the last line is one JSON
-object `{"ok": ..., "phases": {...}, ...}`; "ok" is true only when every phase ran and all its outputs (mask
-logits, log-probs, losses, updated weights) are finite. The exit code is 1 when not ok.
+object `{"ok": ..., "phases": {...}, ...}`; "ok" is true only when every phase ran (or was skipped for the
+budget) and all its outputs (mask logits, log-probs, losses, updated weights) are finite. The exit code is 1 when not ok.
 
     .venv/bin/python tools/realsize_smoke.py                          # CPU, within 24 GB and 10 minutes
     python tools/realsize_smoke.py --device cuda --attn flash_attention_2
