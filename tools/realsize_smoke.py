@@ -392,8 +392,8 @@ def budget_skip(args: argparse.Namespace, name: str, done: dict[str, dict], elap
     predicted = PHASE_COST[name] * done["forward"]["seconds"]
     if predicted <= left:
         return None
-    return (f"predicted {predicted:.0f} s = {PHASE_COST[name]} x the forward's {done['forward']['seconds']:.0f} s, "
-            f"more than the {max(left, 0):.0f} s left of --budget-s {args.budget_s:.0f}")
+    return (f"predicted {predicted:.1f} s = {PHASE_COST[name]} x the forward's {done['forward']['seconds']:.1f} s, "
+            f"more than the {max(left, 0):.1f} s left of --budget-s {args.budget_s:g}")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
