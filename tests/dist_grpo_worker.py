@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 from lens.training.grpo import LensGRPOTrainer
-from lens.training.recipe import build_trainer, load_recipe
+from lens.training.recipe import build_trainer, close_distributed, load_recipe
 
 
 def main() -> None:
@@ -28,6 +28,7 @@ def main() -> None:
         "world": trainer.accelerator.num_processes, "batches": seen,
         "loss": [h["loss"] for h in trainer.state.log_history if "loss" in h],
     }))
+    close_distributed()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ def main() -> None:
 
     from lens.modeling import LensForConditionalGeneration
     from lens.modeling.zero3 import gathered, zero3_enabled
-    from lens.training.recipe import init_deepspeed_comm
+    from lens.training.recipe import close_distributed, init_deepspeed_comm
     from lens.training.trainable import set_trainable
 
     zero3 = {"zero_optimization": {"stage": 3}, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
@@ -46,6 +46,7 @@ def main() -> None:
         "reinit_changed": not torch.equal(before, after), "query_std": float(after.std()),
         "query_sum": float(after.double().sum()),
     }))
+    close_distributed()
 
 
 if __name__ == "__main__":

@@ -30,10 +30,11 @@ def main(argv: list[str] | None = None) -> int:
     # torch.distributed's deprecation notices fire on every DeepSpeed collective
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.\w+` is deprecated", category=FutureWarning)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    from lens.training.recipe import run
+    from lens.training.recipe import close_distributed, run
 
     final = run(recipe, resume=args.resume)
     print(f"final checkpoint: {final}")
+    close_distributed()
     return 0
 
 

@@ -208,6 +208,17 @@ def init_deepspeed_comm(args) -> None:
             deepspeed.init_distributed(dist_backend=dist.get_backend())
 
 
+def close_distributed() -> None:
+    """End this process's part in torch.distributed once every rank is done: without it gloo's threads can still
+    be running at interpreter exit, and a rank may die with SIGABRT ("terminate called without an active
+    exception") after its work was saved, which torchrun then reports as a failed run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def run(recipe: Recipe | dict[str, Any], resume: bool = False) -> Path:
     """Train one recipe; returns the folder of the final checkpoint (a full LENS checkpoint, LoRA merged)."""
     recipe = as_recipe(recipe)
