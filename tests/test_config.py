@@ -189,9 +189,10 @@ TINY_STAGE2_RESOLVED = {
     "lr_multipliers": {"sam_mask_decoder": 10.0},
     "rewards": ["box_iou", "mask_iou"],
     "grpo": {"num_generations": 2, "beta": 0.04, "temperature": 1.5, "top_p": 1.0, "top_k": 0,
-             "max_completion_length": 40, "loss_type": "grpo", "scale_rewards": "group"},
+             "max_completion_length": 16, "loss_type": "grpo", "scale_rewards": "group"},
     "grpo_shared_prefix": True,  # inherited: each group's prompt runs once (exact; tests/test_shared_prefix.py)
     "single_pass_rewards": True,  # inherited: the mask reward from the loss forward (same numbers; test_golden.py)
+    "cache_sam_features": True,
 }
 
 

@@ -244,7 +244,7 @@ def test_single_pass_rewards_equal_two_passes(grpo_trainer, one_thread):
         trainer.shared_prefix = trainer.single_pass_rewards = False
     torch.testing.assert_close(one["advantages"], two["advantages"], atol=1e-4, rtol=1e-4)
     logged = trainer._metrics["train"]
-    for key in ("reward", "reward_std", "rewards/mask_iou/mean", "frac_reward_zero_std"):  # real figures, not blanks
+    for key in ("reward", "reward_std", "rewards/mask_iou/mean", "frac_reward_zero_std", "seg/mask_iou"):  # real figures
         assert logged[key][-1] == pytest.approx(logged[key][-2], rel=1e-4, abs=1e-6), key
     assert two["advantages"].abs().sum() > 0
     assert loss_one.item() == pytest.approx(loss_two.item(), rel=1e-5, abs=1e-6)

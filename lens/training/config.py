@@ -31,7 +31,6 @@ SAM_VARIANTS = ("sam2_hiera_t", "sam2_hiera_s", "sam2_hiera_b+", "sam2_hiera_l",
                 "sam2.1_hiera_t", "sam2.1_hiera_s", "sam2.1_hiera_b+", "sam2.1_hiera_l")
 ANSWER_STYLES = ("grounding", "phrase", "json")  # lens/training/data.py target_answer
 STAGE2_ONLY = ("rewards", "lora", "grpo", "grpo_shared_prefix", "single_pass_rewards")
-SUPERVISED_ONLY = ("cache_sam_features",)  # warmup and stage 1
 LORA_TARGETS = r"model\.language_model\..*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
 LORA_MODULES_TO_SAVE = ["connector", "conv_1d", "proj_to_sam", "sam_mask_decoder", "sam_prompt_encoder"]
 # TrainingArguments values LENS needs unless the recipe says otherwise
@@ -129,7 +128,7 @@ class Recipe:
     loss: LossConfig = field(default_factory=LossConfig)
     trainable: TrainableGroups = field(default_factory=TrainableGroups)
     lr_multipliers: LrMultipliers = field(default_factory=LrMultipliers)
-    cache_sam_features: bool = False  # warmup / stage 1: keep each image's SAM2 features (frozen encoder) in memory
+    cache_sam_features: bool = False  # keep each image's SAM2 features (frozen encoder) in memory across steps
     rewards: list[str] = field(default_factory=lambda: ["box_iou", "mask_iou"])  # stage 2, lens/rewards.py names
     lora: LoraSettings | None = None  # stage 2: None = full fine-tuning
     grpo: dict[str, Any] = field(default_factory=dict)  # stage 2: trl.GRPOConfig fields beyond TrainingArguments'
@@ -150,7 +149,7 @@ class Recipe:
         """The resolved recipe as plain data (what `load_recipe` returns and the run writes as config.yaml)."""
         out: dict[str, Any] = {"stage": self.stage}
         for name in field_names(Recipe)[1:]:
-            if (name in STAGE2_ONLY and not self.is_grpo) or (name in SUPERVISED_ONLY and self.is_grpo):
+            if name in STAGE2_ONLY and not self.is_grpo:
                 continue
             value = getattr(self, name)
             if name in ("trainable", "lr_multipliers"):
@@ -192,7 +191,7 @@ def valid_keys(section: str | None, stage: str | None) -> list[str]:
 
 
 def applies(name: str, stage: str) -> bool:
-    return not ((name in STAGE2_ONLY and stage != "stage2") or (name in SUPERVISED_ONLY and stage == "stage2"))
+    return not (name in STAGE2_ONLY and stage != "stage2")
 
 
 def suggest(key: str, stage: str | None) -> str:
@@ -247,8 +246,7 @@ def check_layer(tree: dict, stage: str | None, where: str, hf: bool = False) -> 
         if key not in top:
             raise unknown(where, str(key), stage)
         if stage is not None and not applies(key, stage) and value not in (None, {}, []):
-            which = "stage2 recipes only" if key in STAGE2_ONLY else "warmup and stage1 recipes only"
-            raise ConfigError(f"{where}: {key!r} applies to {which} (this recipe is {stage})")
+            raise ConfigError(f"{where}: {key!r} applies to stage2 recipes only (this recipe is {stage})")
         if value is None:
             continue
         if key in ("train", "grpo") or key in SECTIONS:

@@ -30,6 +30,7 @@ from lens.modeling.families import family_of
 from lens.modeling.loading import LEGACY_KEY_MAPPING
 from lens.modeling.sam import SamFeatures
 from lens.training.data import unique_images
+from lens.training.sam_cache import make_sam_cache
 from lens.training.shared_grpo import SharedPrefixMixin, distinct_image_processing
 from lens.training.trainable import CountedFlopsMixin, GroupLRMixin, prepare_model_for_training
 from lens.training.vllm import VLLMViewMixin
@@ -105,6 +106,7 @@ class LensGRPOTrainer(SharedPrefixMixin, VLLMViewMixin, GroupLRMixin, CountedFlo
         lr_multipliers: dict[str, float] | None = None,
         shared_prefix: bool = False,
         single_pass_rewards: bool = False,
+        cache_sam_features: bool = False,
         **kwargs,
     ) -> None:
         config = kwargs["args"]
@@ -125,11 +127,13 @@ class LensGRPOTrainer(SharedPrefixMixin, VLLMViewMixin, GroupLRMixin, CountedFlo
         self.needs_mask_iou = any(name in MASK_REWARDS for name in self.reward_func_names)
         self.shared_prefix, self.single_pass_rewards = shared_prefix, single_pass_rewards  # lens/training/shared_grpo.py
         self.single_pass_rewards = single_pass_rewards and self._check_single_pass()
+        self.sam_cache = make_sam_cache(cache_sam_features)  # each image encoded once over the run (LRU)
         self._banks: dict[str, tuple[int, SamFeatures]] = {}  # mode -> (bank id, features of its images)
         self._next_bank = 0
         self._gen_rows: torch.Tensor | None = None  # row -> image of the generation batch being scored
         self._seg_inputs: dict | None = None
         self._mask_logits: torch.Tensor | None = None
+        self._pass_mask_iou: torch.Tensor | None = None  # (B,) the loss pass's mask IoU, when the single pass scored it
         if beta != 0.0 and self.ref_model is None and not hasattr(self.model, "peft_config"):
             self.ref_model = self._prepare_reference(build_reference_model(lens_module(self.model), reference_init))
         prepare_model_for_training(self)  # after the reference copied the policy's 16-bit weights
@@ -151,21 +155,30 @@ class LensGRPOTrainer(SharedPrefixMixin, VLLMViewMixin, GroupLRMixin, CountedFlo
         return wrapped if wrapped is not None else self.model
 
     # ------------------------------------------------------------------ generation + scoring
-    def _generation_sam_images(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        """SAM2 inputs of a generation batch, once per distinct image (N, 3, S, S), and each row's image (B,)."""
-        sam_images, index, _ = unique_images(inputs)
-        return sam_images, index
+    def _generation_sam_images(self, inputs) -> tuple[torch.Tensor, torch.Tensor, list[str] | None]:
+        """SAM2 inputs of a generation batch, once per distinct image (N, 3, S, S), each row's image (B,) and the
+        N image keys (None: do not cache these features)."""
+        return unique_images(inputs)
+
+    def _generation_features(self, inputs) -> tuple[SamFeatures, torch.Tensor]:
+        """SAM2 features of a generation batch's distinct images (from the cache where there, see
+        `cache_sam_features`) and each row's image (B,)."""
+        sam_images, index, keys = self._generation_sam_images(inputs)
+        device = self.accelerator.device
+        with torch.no_grad(), self.accelerator.autocast():
+            if self.sam_cache is not None and keys is not None:
+                encode = lambda x: self._policy_call(sam_images=x.to(device))  # noqa: E731
+                return self.sam_cache.features(encode, sam_images, keys, device), index
+            return self._policy_call(sam_images=sam_images.to(device)), index
 
     def _generate_and_score_completions(self, inputs):
         policy = lens_module(self.model)
         if any(p.requires_grad for p in policy.sam.image_encoder.parameters()):
             raise ValueError("stage 2 caches SAM2 image features: keep trainable.sam_image_encoder false")
-        sam_images, index = self._generation_sam_images(inputs)
+        features, index = self._generation_features(inputs)
         mode = "train" if self.model.training else "eval"
         bank = self._next_bank
         self._next_bank += 1
-        with torch.no_grad(), self.accelerator.autocast():
-            features = self._policy_call(sam_images=sam_images.to(self.accelerator.device))
         self._banks[mode] = (bank, features)
         self._gen_rows = index.to(self.accelerator.device)
         images = distinct_image_processing(self.processing_class, inputs) if self.shared_prefix else nullcontext()
@@ -299,7 +312,7 @@ class LensGRPOTrainer(SharedPrefixMixin, VLLMViewMixin, GroupLRMixin, CountedFlo
         return out.log_probs, out.entropy, out.mask_logits
 
     def _compute_loss(self, model, inputs):
-        self._seg_inputs = inputs
+        self._seg_inputs, self._pass_mask_iou = inputs, None
         try:
             loss = super()._compute_loss(model, inputs)
         finally:
@@ -312,6 +325,8 @@ class LensGRPOTrainer(SharedPrefixMixin, VLLMViewMixin, GroupLRMixin, CountedFlo
         metrics["seg/loss"].append(self.accelerator.gather(seg.detach()).mean().item())
         for name, value in parts.items():
             metrics[f"seg/{name}"].append(self.accelerator.gather(value.detach()).mean().item())
-        iou = mask_iou_from_logits(mask_logits.detach(), inputs["target_masks"])
+        iou, self._pass_mask_iou = self._pass_mask_iou, None  # set by the single pass from these very logits
+        if iou is None:
+            iou = mask_iou_from_logits(mask_logits.detach(), inputs["target_masks"])
         metrics["seg/mask_iou"].append(self.accelerator.gather(iou).mean().item())
         return loss + self.seg_weight * seg / scale

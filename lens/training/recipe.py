@@ -180,7 +180,7 @@ def build_trainer(recipe: Recipe | dict[str, Any], policy: tuple | None = None):
             seg_weight=loss.seg_weight, bce_weight=loss.bce_weight, dice_weight=loss.dice_weight,
             reference_init=None if policy is not None or preset_name(str(init)) is not None else init,
             lr_multipliers=lr_multipliers, shared_prefix=recipe.grpo_shared_prefix,
-            single_pass_rewards=recipe.single_pass_rewards,
+            single_pass_rewards=recipe.single_pass_rewards, cache_sam_features=recipe.cache_sam_features,
         )
     else:
         from lens.training.supervised import SupervisedLensTrainer

@@ -129,6 +129,7 @@ class SharedPrefixMixin:
     def _single_pass_advantages(self, inputs: dict, mask_logits: torch.Tensor) -> torch.Tensor:
         """Advantages (B,) of a micro-batch of whole groups from its own masks (TRL's sum_then_normalize)."""
         iou = mask_iou_from_logits(mask_logits.detach(), inputs["target_masks"])
+        self._pass_mask_iou = iou  # the loss's seg/mask_iou metric is the same numbers (LensGRPOTrainer._compute_loss)
         table = inputs["lens_rewards"].clone()  # (B, F), mask columns NaN
         n = table.shape[0]
         for i, (name, func) in enumerate(zip(self.reward_func_names, self.reward_funcs)):

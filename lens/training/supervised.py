@@ -3,45 +3,15 @@ preset's warm-up (next-token loss on the answer, optionally plus the segmentatio
 
 from __future__ import annotations
 
-import logging
-from collections import OrderedDict
-
 import torch
 from transformers import Trainer
 
 from lens.losses import segmentation_loss
 from lens.modeling.sam import SamFeatures
-from lens.modeling.zero3 import zero3_enabled
+from lens.training.sam_cache import make_sam_cache
 from lens.training.trainable import CountedFlopsMixin, GroupLRMixin, prepare_model_for_training
 
-logger = logging.getLogger(__name__)
 OBJECTIVE_PARTS = ("lm", "seg")  # next-token loss on the answer, BCE + dice of the query-forward masks
-
-
-class SamFeatureCache:
-    """Frozen SAM2 image features by image key, kept on the CPU (LRU, `max_items` images)."""
-
-    def __init__(self, max_items: int = 4096) -> None:
-        self.max_items = max_items
-        self.store: OrderedDict[str, SamFeatures] = OrderedDict()
-        self.hits = self.misses = 0
-
-    def features(self, encode, sam_images: torch.Tensor, keys: list[str], device: torch.device) -> SamFeatures:
-        """Features of the N images `keys` on `device`, calling `encode(images) -> SamFeatures` only for those
-        not cached."""
-        missing = [i for i, k in enumerate(keys) if k not in self.store]
-        self.hits += len(keys) - len(missing)
-        self.misses += len(missing)
-        if missing:
-            with torch.no_grad():
-                new = encode(sam_images[missing])
-            for j, i in enumerate(missing):
-                self.store[keys[i]] = new.index([j]).to("cpu")
-        for k in keys:
-            self.store.move_to_end(k)
-        while len(self.store) > self.max_items:
-            self.store.popitem(last=False)
-        return SamFeatures.cat([self.store[k] for k in keys]).to(device)
 
 
 class SupervisedLensTrainer(GroupLRMixin, CountedFlopsMixin, Trainer):
@@ -69,11 +39,7 @@ class SupervisedLensTrainer(GroupLRMixin, CountedFlopsMixin, Trainer):
         self.objective = parts
         self.lr_multipliers = dict(lr_multipliers or {})
         self.weights = {"bce": bce_weight, "dice": dice_weight, "lm": lm_weight, "seg": seg_weight}
-        if cache_sam_features and zero3_enabled():
-            # a cache hit skips the encoding call on one rank only: ZeRO-3's gathers must run on every rank alike
-            logger.warning("cache_sam_features is off under DeepSpeed ZeRO-3 (every rank encodes every batch)")
-            cache_sam_features = False
-        self.sam_cache = SamFeatureCache() if cache_sam_features else None
+        self.sam_cache = make_sam_cache(cache_sam_features)
         self._parts: dict[str, list[float]] = {}
 
     def sam_features(self, model, inputs) -> SamFeatures:

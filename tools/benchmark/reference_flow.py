@@ -34,9 +34,9 @@ class ReferenceFlowTrainer(LensGRPOTrainer):
         trainer.__class__ = cls
         return trainer
 
-    def _generation_sam_images(self, inputs) -> tuple[torch.Tensor, torch.Tensor]:
-        sam_images, index = super()._generation_sam_images(inputs)
-        return sam_images[index], torch.arange(len(index))  # one encoding per rollout
+    def _generation_sam_images(self, inputs) -> tuple[torch.Tensor, torch.Tensor, None]:
+        sam_images, index, _ = super()._generation_sam_images(inputs)
+        return sam_images[index], torch.arange(len(index)), None  # one encoding per rollout, never cached
 
     def _scoring_forward(self, **kwargs):
         return self._policy_call(**kwargs, per_sample_decoding=True, share_vision=False)
