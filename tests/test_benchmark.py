@@ -215,3 +215,21 @@ def test_reference_flow_adopts_only_a_single_process_lens_trainer():
         ReferenceFlowTrainer.adopt(trainer)
     trainer.args.world_size = 1
     assert type(ReferenceFlowTrainer.adopt(trainer)) is ReferenceFlowTrainer
+
+
+def test_recipe_ab_times_both_variants_interleaved(synthetic_root, capsys):
+    """tools/benchmark/recipe_ab.py: each round trains A then B (the timed steps after the skipped ones), and the
+    summary is the ratio of the two means."""
+    from tools.benchmark import recipe_ab
+
+    recipe = str(Path(__file__).resolve().parents[1] / "configs/recipes/tiny/lens2b_stage1.yaml")
+    common = [f"data.root={synthetic_root}", "train.per_device_train_batch_size=2"]
+    assert recipe_ab.main([recipe, "--a", *common, "cache_sam_features=false", "--b", *common,
+                           "--steps", "1", "--skip", "1", "--rounds", "2"]) == 0
+    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("[recipe_ab]")]
+    assert [line.split(":")[0].split()[2:4] for line in lines[:4]] == [["1", "A"], ["1", "B"], ["2", "A"], ["2", "B"]]
+    spt = [float(line.rsplit(": ", 1)[1].split()[0]) for line in lines[:4]]
+    a, b = (spt[0] + spt[2]) / 2, (spt[1] + spt[3]) / 2
+    assert lines[4].endswith("(2 interleaved rounds of 1 steps after 1)")
+    ratio = float(lines[4].split("A/B = ")[1].split()[0])
+    assert ratio == pytest.approx(a / b, rel=0.01)  # the per-round figures are printed to 4 digits

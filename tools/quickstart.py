@@ -36,6 +36,7 @@ def train(stage: str, overrides: list[str]) -> Path:
     if (final / "config.json").is_file():
         print(f"[quickstart] {stage}: reusing {final}")
         return final
+    score_file(stage).unlink(missing_ok=True)  # scores of an earlier checkpoint of this stage
     run(load_recipe(RECIPES / f"{stage}.yaml", overrides))
     return final
 
