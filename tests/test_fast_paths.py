@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from lens.modeling import LensForConditionalGeneration
-from lens.modeling.sam import decode_masks, decode_masks_per_sample
+from lens.modeling.sam import SamFeatures, decode_masks, decode_masks_per_sample
 from lens.training.grpo import LensGRPOTrainer, lens_module
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,6 +67,23 @@ def test_shared_sam_features_equal_per_rollout_encoding(model, sam_images):
     close(m_shared, m_rollout)
     close(iou_shared, iou_rollout)
     assert not torch.allclose(m_shared[0], m_shared[3], atol=1e-3)  # rows of different images differ
+
+
+def test_sam_features_are_channels_last_and_decode_as_nchw_features_do(model, sam_images):
+    """The three feature levels come channels-last (the layout the decoder's 1x1 convolutions are fast on), and
+    masks decoded from them equal masks decoded from the same values laid out NCHW."""
+    with torch.no_grad():
+        features = model.encode_sam_images(sam_images)
+    for name in ("image_embed", "fpn_s0", "fpn_s1"):
+        assert getattr(features, name).is_contiguous(memory_format=torch.channels_last), name
+    nchw = SamFeatures(*(x.contiguous() for x in (features.image_embed, features.fpn_s0, features.fpn_s1)))
+    assert not nchw.fpn_s0.is_contiguous(memory_format=torch.channels_last)
+    prompt = torch.randn(len(ROW_IMAGE), 1, model.sam.hidden_dim, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        m_cl, iou_cl = decode_masks(model.sam, features, prompt, ROW_IMAGE)
+        m_nchw, iou_nchw = decode_masks(model.sam, nchw, prompt, ROW_IMAGE)
+    close(m_cl, m_nchw)
+    close(iou_cl, iou_nchw)
 
 
 # ---------------------------------------------------------------------- (2) batched decoding

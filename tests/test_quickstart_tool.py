@@ -43,7 +43,7 @@ def test_retraining_a_stage_drops_its_old_scores(tmp_path, monkeypatch):
     qs.write_scores("stage1", {"giou": 0.5}, {})
     trained = []
     monkeypatch.setattr(recipe, "load_recipe", lambda path, overrides: {"recipe": Path(path).name})
-    monkeypatch.setattr(recipe, "run", lambda r: trained.append(r))
+    monkeypatch.setattr(recipe, "run", lambda r, callbacks=(): trained.append(r))
     assert qs.train("stage1", []) == tmp_path / "stage1" / "final"
     assert trained == [{"recipe": "stage1.yaml"}]
     assert not qs.score_file("stage1").exists()
@@ -52,3 +52,46 @@ def test_retraining_a_stage_drops_its_old_scores(tmp_path, monkeypatch):
     qs.write_scores("stage1", {"giou": 0.5}, {})
     qs.train("stage1", [])  # a finished stage is reused, and so are its scores
     assert len(trained) == 1 and qs.score_file("stage1").exists()
+
+
+class FakeProcess:
+    def __init__(self) -> None:
+        self.done = False
+
+    def poll(self):
+        return 0 if self.done else None
+
+
+def test_training_takes_one_thread_while_scoring_runs_and_its_threads_back_after(one_thread):
+    import torch
+
+    torch.set_num_threads(2)
+    scoring = FakeProcess()
+    cores = qs.SharedCores([scoring, None])  # None: a stage whose scores were reused starts no process
+    cores.on_train_begin(None, None, None)
+    assert torch.get_num_threads() == 1
+    cores.on_step_begin(None, None, None)
+    assert torch.get_num_threads() == 1  # still scoring
+    scoring.done = True
+    cores.on_step_begin(None, None, None)
+    assert torch.get_num_threads() == 2
+    cores.on_train_end(None, None, None)
+    assert torch.get_num_threads() == 2
+
+
+def test_training_keeps_its_threads_without_a_running_scorer(one_thread):
+    import torch
+
+    torch.set_num_threads(2)
+    finished = FakeProcess()
+    finished.done = True
+    for processes in ([], [finished]):
+        cores = qs.SharedCores(processes)
+        cores.on_train_begin(None, None, None)
+        cores.on_step_begin(None, None, None)
+        assert torch.get_num_threads() == 2
+    scoring = FakeProcess()
+    cores = qs.SharedCores([scoring])
+    cores.on_train_begin(None, None, None)
+    cores.on_train_end(None, None, None)  # training ended before the scoring: threads back all the same
+    assert torch.get_num_threads() == 2

@@ -21,6 +21,8 @@ import sys
 import time
 from pathlib import Path
 
+from transformers import TrainerCallback
+
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:  # `research` is a top-level package of the checkout, not installed with `lens`
     sys.path.insert(0, str(ROOT))
@@ -29,7 +31,8 @@ RECIPES = ROOT / "configs" / "recipes" / "tiny"
 STAGES = ("warmup", "stage1", "stage2")
 
 
-def train(stage: str, overrides: list[str]) -> Path:
+def train(stage: str, overrides: list[str], side: list[subprocess.Popen] = ()) -> Path:
+    """Train a stage (or reuse its final checkpoint) with one torch thread while a scoring process of `side` runs."""
     from lens.training.recipe import load_recipe, run
 
     final = OUT / stage / "final"
@@ -37,8 +40,48 @@ def train(stage: str, overrides: list[str]) -> Path:
         print(f"[quickstart] {stage}: reusing {final}")
         return final
     score_file(stage).unlink(missing_ok=True)  # scores of an earlier checkpoint of this stage
-    run(load_recipe(RECIPES / f"{stage}.yaml", overrides))
+    run(load_recipe(RECIPES / f"{stage}.yaml", overrides), callbacks=[SharedCores(side)])
     return final
+
+
+class SharedCores(TrainerCallback):
+    """Trainer callback: one torch thread while any of `processes` runs, the process's thread count again from the
+    first step after they have all ended.
+
+    On 2 cores, a 2-thread training process beside a busy 1-thread process ran 2.5x slower (stage 1, 150 steps:
+    0.83 against 0.33 s/step alone; OpenMP's threads wait on the one that lost its core), with 1 thread 0.38
+    (docs/lab-notebook.md). The switch happens between steps, so a run's figures can differ from another run's by
+    the thread count's rounding (the 6th digit) when the scoring takes longer or shorter."""
+
+    def __init__(self, processes: list[subprocess.Popen] = ()) -> None:
+        self.processes = [p for p in processes if p is not None]
+        self.threads: int | None = None  # the thread count to return to, while lowered
+
+    def _running(self) -> bool:
+        return any(p.poll() is None for p in self.processes)
+
+    def _restore(self) -> None:
+        import torch
+
+        if self.threads is not None:
+            torch.set_num_threads(self.threads)
+            print(f"[quickstart] scoring done: training on {self.threads} threads again", flush=True)
+            self.threads = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        import torch
+
+        if self._running() and torch.get_num_threads() > 1:
+            self.threads = torch.get_num_threads()
+            torch.set_num_threads(1)
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        if self.threads is not None and not self._running():
+            self._restore()
+
+    def on_train_end(self, args, state, control, **kwargs):
+        self._restore()
+
 
 
 def logged(stage: str, key: str) -> list[float]:
@@ -185,7 +228,7 @@ def main(argv: list[str] | None = None) -> int:
     side: dict[str, subprocess.Popen | None] = {}
     for stage in STAGES:
         start = time.time()
-        train(stage, [])
+        train(stage, [], [proc for proc in side.values() if proc is not None])
         phase(f"train_{stage}", start)
         if stage != STAGES[-1]:  # scored while the next stage trains
             side[stage] = score_in_side_process(stage)

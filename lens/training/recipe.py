@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -219,10 +220,13 @@ def close_distributed() -> None:
         dist.destroy_process_group()
 
 
-def run(recipe: Recipe | dict[str, Any], resume: bool = False) -> Path:
-    """Train one recipe; returns the folder of the final checkpoint (a full LENS checkpoint, LoRA merged)."""
+def run(recipe: Recipe | dict[str, Any], resume: bool = False, callbacks: Sequence[TrainerCallback] = ()) -> Path:
+    """Train one recipe; returns the folder of the final checkpoint (a full LENS checkpoint, LoRA merged).
+    `callbacks` are added to the trainer's (e.g. the quickstart's thread sharing with its scoring process)."""
     recipe = as_recipe(recipe)
     trainer = build_trainer(recipe)
+    for callback in callbacks:
+        trainer.add_callback(callback)
     out = Path(trainer.args.output_dir)
     if resume and trainer.args.save_only_model:
         raise ValueError(f"--resume: {out} was trained with train.save_only_model=true, whose checkpoints hold no "
