@@ -183,7 +183,7 @@ TINY_STAGE2_RESOLVED = {
               "gradient_accumulation_steps": 1, "learning_rate": 2e-05, "lr_scheduler_type": "linear",
               "bf16": False, "gradient_checkpointing": False, "logging_steps": 1, "save_steps": 200,
               "save_total_limit": 2, "dataloader_num_workers": 0, "report_to": "tensorboard", "seed": 0,
-              "use_cpu": True, "max_steps": 400, "remove_unused_columns": False, "ddp_find_unused_parameters": False},
+              "use_cpu": True, "max_steps": 300, "remove_unused_columns": False, "ddp_find_unused_parameters": False},
     "loss": {"objective": None, "seg_weight": 1.0, "bce_weight": 1.0, "dice_weight": 1.0, "lm_weight": 1.0},
     "trainable": {"sam_image_encoder": False},
     "lr_multipliers": {"sam_mask_decoder": 10.0},
